@@ -1,0 +1,312 @@
+"""Rounding into any :class:`~precision_lab.formats.Format`: pure Tensor -> Tensor functions.
+
+``round_nearest`` (ties to even), ``round_stochastic`` and ``round_toward_zero`` return a tensor of
+``x``'s dtype whose values are representable in the target format (or write them into ``out=``, a
+tensor of ``x``'s dtype or of the format's native dtype).  Inputs may be fp16, bf16, fp32 or fp64,
+on any device.
+
+How the result is computed (every step exact, so the only rounding is the one we ask for):
+
+* **Generic path** (any format, any input).  In float64, write ``|x| = y * q`` where
+  ``q = 2**(max(E, emin) - mantissa_bits)`` is the format's spacing at ``|x|`` (E = floor(log2|x|))::
+
+        |x| = 1.b1 b2 ... bm | b(m+1) ... b52  x 2^E
+              <-- kept ----> <-- discarded --->
+        y   = |x| / q        an exact power-of-two scaling; the discarded bits become frac(y)
+
+  then round ``y`` to an integer (half to even, floor, or stochastically) and scale back by ``q``.
+  Below ``2**emin`` the spacing stays at the subnormal quantum, which is what gradual underflow
+  means; with ``subnormals=False`` the tiny results are then flushed to a signed zero.  Because the
+  whole computation happens once in fp64 there is no double rounding: fp64 inputs are correctly
+  rounded (unlike torch's and ml_dtypes' fp64 -> bf16/fp16/fp8 casts, which go through fp32).
+* **Native fast paths** (fp32 input, the format has a torch dtype): torch's fp32 -> bf16/fp16/fp8
+  casts are correctly rounded (checked exhaustively against ml_dtypes in the tests), so
+  ``round_nearest`` uses them; fp8_e4m3's cast saturates, so overflow is patched to NaN.
+  ``round_stochastic`` to bf16 adds 16 random bits below the kept ones and truncates::
+
+        fp32 bits   s eeeeeeee mmmmmmm | llllllllllllllll
+                  + 0 00000000 0000000 | rrrrrrrrrrrrrrrr      r uniform in [0, 2^16)
+        truncate    s eeeeeeee mmmmmmm | 0000000000000000      carry => rounded up
+
+  which rounds up with probability exactly l / 2^16 = (x - down) / (up - down) (the carry ripples
+  into the exponent at a binade edge, as it should).  On CPU a compiled kernel does this in one
+  pass (:mod:`precision_lab._native`); the pure-torch version gives the same bits.
+
+Overflow: results beyond ``fmt.max`` become ±Inf where the format has Inf; in fp8_e4m3 (no Inf)
+they become NaN, as in ml_dtypes, or ``±max`` with ``saturate=True`` (which also maps ±Inf inputs to
+±max).  ``round_toward_zero`` never overflows a finite input (IEEE: it returns ±max).  NaN stays NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from precision_lab import _random
+from precision_lab.formats import Format, get_format
+
+__all__ = ["round_nearest", "round_stochastic", "round_toward_zero"]
+
+_FLOAT_INPUTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NATIVE_RN_FROM_FP32 = ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2")
+_E4M3_OVERFLOW = 464.0  # midpoint of 448 and 480 (480 would be the NaN pattern): ties go to even 448
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checking
+# --------------------------------------------------------------------------------------------------
+def _check(x: torch.Tensor, fmt: str | Format, out: torch.Tensor | None) -> Format:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_INPUTS:
+        raise ValueError(f"x has dtype {x.dtype}; rounding takes {', '.join(map(str, _FLOAT_INPUTS))}")
+    f = get_format(fmt)
+    if out is not None:
+        allowed = {x.dtype} | ({f.torch_dtype} if f.torch_dtype is not None else set())
+        if out.dtype not in allowed:
+            raise ValueError(f"out has dtype {out.dtype}; for x of {x.dtype} into {f.name} it must be one of {sorted(map(str, allowed))}")
+        if out.shape != x.shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, x has shape {tuple(x.shape)}")
+        if out.device != x.device:
+            raise ValueError(f"out is on {out.device}, x on {x.device}")
+    return f
+
+
+def _finish(result: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Return ``result`` in x's dtype, or copy it into ``out`` (exact: values are representable)."""
+    if out is None:
+        return result if result.dtype == x.dtype else result.to(x.dtype)
+    out.copy_(result)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# generic exact path (fp64 arithmetic, any format)
+# --------------------------------------------------------------------------------------------------
+def _pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """Exact 2**exponent in float64 for integer exponents in [-1074, 1023], built from bits."""
+    normal = ((exponent.clamp(min=-1022) + 1023) << 52).view(torch.float64)
+    subnormal = (torch.ones_like(exponent) << (exponent.clamp(-1074, -1023) + 1074)).view(torch.float64)
+    return torch.where(exponent >= -1022, normal, subnormal)
+
+
+def _scale(a: torch.Tensor, f: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split |x| (float64, finite, >= 0) as y * q with q the format's spacing at |x|; both exact."""
+    _, e = torch.frexp(a)  # a = m * 2^e, m in [0.5, 1): floor(log2 a) = e - 1 (a = 0 gives e = 0)
+    qexp = ((e.to(torch.int64) - 1).clamp(min=f.emin) - f.mantissa_bits).clamp(min=-1074)
+    q = _pow2(qexp)
+    return a / q, q  # division by a power of two: exact, and y < 2^(m+1) stays far from overflow
+
+
+def _finalize(x64: torch.Tensor, mag: torch.Tensor, f: Format, *, saturate: bool, rz: bool) -> torch.Tensor:
+    """Apply the sign, overflow, flush-to-zero and non-finite rules to rounded magnitudes."""
+    fmax = f.max
+    over = mag > fmax
+    if rz or saturate:
+        mag = torch.where(over, torch.full_like(mag, fmax), mag)
+    elif f.has_inf:
+        mag = torch.where(over, torch.full_like(mag, math.inf), mag)
+    else:
+        mag = torch.where(over, torch.full_like(mag, math.nan), mag)
+    if not f.subnormals:
+        mag = torch.where(mag < f.smallest_normal, torch.zeros_like(mag), mag)
+    res = torch.copysign(mag, x64)
+    # Non-finite inputs: NaN stays NaN; Inf stays Inf where the format has it, else NaN (or max).
+    if f.has_inf:
+        inf_to = x64
+    elif saturate:
+        inf_to = torch.copysign(torch.full_like(x64, fmax), x64)
+    else:
+        inf_to = torch.full_like(x64, math.nan)
+    res = torch.where(torch.isinf(x64), inf_to, res)
+    return torch.where(torch.isnan(x64), x64, res)
+
+
+def _generic(x: torch.Tensor, f: Format, mode: str, *, saturate: bool = False, key: int = 0,
+             random_bits: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Round any float tensor into ``f`` in float64 arithmetic; returns float64."""
+    x64 = x.to(torch.float64)
+    a = torch.nan_to_num(x64.abs(), nan=0.0, posinf=0.0)  # non-finite handled in _finalize
+    y, q = _scale(a, f)
+    if mode == "nearest":
+        r = torch.round(y)  # round half to even
+    elif mode == "zero":
+        r = torch.floor(y)
+    else:
+        fl = torch.floor(y)
+        r = fl + _bernoulli(y - fl, key, random_bits)  # frac = y - floor(y) is exact
+    return _finalize(x64, r * q, f, saturate=saturate, rz=mode == "zero")
+
+
+def _bernoulli(frac: torch.Tensor, key: int, random_bits: int | None) -> torch.Tensor:
+    """One exact Bernoulli(frac) draw per element, frac in [0, 1) float64; returns 0.0/1.0 float64.
+
+    Element i compares U_i ~ Uniform[0, 1) with frac_i, U_i's bits coming 63 at a time from the
+    counter-based stream.  With w the first 63 bits and F = floor(frac * 2^63): w < F means U < frac
+    for sure, w > F means U > frac for sure, and w == F (probability 2^-63) is settled by the next
+    63 bits against the exact residual frac * 2^63 - F.  So P(1) = frac exactly, for any dyadic frac.
+
+    With ``random_bits=r`` only r bits are used, as hardware SR units do: P(1) = floor(frac*2^r)/2^r,
+    biased towards zero by up to 2^-r ulp.
+    """
+    idx = torch.arange(frac.numel(), device=frac.device, dtype=torch.int64).view(frac.shape)
+    if random_bits is not None:
+        scaled = torch.ldexp(frac, torch.tensor(random_bits, dtype=torch.float64, device=frac.device))
+        w = _random._lsr(_random.splitmix64(key, idx), 64 - random_bits)
+        return (w < torch.floor(scaled).to(torch.int64)).to(torch.float64)
+    up = torch.zeros_like(frac)
+    pending = torch.ones_like(frac, dtype=torch.bool)
+    residual = frac
+    level = 0
+    while True:
+        scaled = residual * 9223372036854775808.0  # * 2^63: exact
+        big_f = torch.floor(scaled)
+        w = _random._lsr(_random.splitmix64(_random.mix_key(key, level) if level else key, idx), 1)
+        fi = big_f.to(torch.int64)
+        up = torch.where(pending & (w < fi), torch.ones_like(up), up)
+        pending = pending & (w == fi)
+        if not bool(pending.any()):
+            return up
+        residual = scaled - big_f  # exact fractional part
+        level += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------------
+def round_nearest(x: torch.Tensor, fmt: str | Format, *, saturate: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Round to the nearest number of ``fmt``, ties to even.
+
+    Args:
+        x: fp16, bf16, fp32 or fp64 tensor, any device.
+        fmt: Target format (name, ``eXmY`` or :class:`Format`).
+        saturate: Overflow (and ±Inf) become ±max instead of ±Inf/NaN.
+        out: Optional tensor of x's dtype or of the format's native dtype to write into.
+
+    Returns:
+        A tensor of x's dtype (or ``out``) holding values representable in ``fmt``.
+    """
+    f = _check(x, fmt, out)
+    if f.name in ("fp64", "fp32") and f.precision >= _precision(x.dtype) and f.emax >= _emax(x.dtype):
+        return _finish(x.clone() if out is None else x, x, out)  # every x is representable
+    w = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # exact widening
+    if w.dtype == torch.float32 and f.name in _NATIVE_RN_FROM_FP32:
+        native = out if out is not None and out.dtype == f.torch_dtype and f.name != "fp8_e4m3" else None
+        if native is not None:
+            native.copy_(w)  # torch's fp32 -> bf16/fp16/fp8_e5m2 cast rounds to nearest even
+            return native
+        r = w.to(f.torch_dtype).to(torch.float32)
+        if f.name == "fp8_e4m3":  # torch's cast saturates and sends Inf to 448
+            bad = w.abs() > _E4M3_OVERFLOW  # also true for ±Inf
+            fill = torch.copysign(torch.full_like(w, f.max), w) if saturate else torch.full_like(w, math.nan)
+            r = torch.where(bad, fill, r)
+        return _finish(r, x, out)
+    if x.dtype == torch.float64 and f.name == "fp32" and not saturate:
+        return _finish(x.to(torch.float32).to(torch.float64), x, out)  # one correctly rounded cast
+    return _finish(_generic(x, f, "nearest", saturate=saturate), x, out)
+
+
+def round_toward_zero(x: torch.Tensor, fmt: str | Format, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Round toward zero (truncate) into ``fmt``; finite values never overflow (IEEE: ±max).
+
+    Args:
+        x: fp16, bf16, fp32 or fp64 tensor, any device.
+        fmt: Target format.
+        out: Optional tensor of x's dtype or of the format's native dtype to write into.
+    """
+    f = _check(x, fmt, out)
+    return _finish(_generic(x, f, "zero"), x, out)
+
+
+def round_stochastic(x: torch.Tensor, fmt: str | Format, *, generator: torch.Generator | None = None,
+                     random_bits: int | None = None, saturate: bool = False,
+                     out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Stochastic rounding: up with probability (x - down) / (up - down), else down.
+
+    The result is always one of the two neighbours of x in ``fmt`` (x itself if representable),
+    and E[result] = x exactly (for finite results).  The random bits come from a counter-based hash
+    keyed by one draw from ``generator`` (see :mod:`precision_lab._random`), so the same generator
+    state gives the same bits on every device and path.
+
+    Args:
+        x: fp16, bf16, fp32 or fp64 tensor, any device.
+        fmt: Target format.
+        generator: Source of the key (torch's default generator when ``None``).
+        random_bits: Use only this many random bits (1..62), as hardware SR units do; the
+            probability becomes floor(p * 2^r) / 2^r, biased toward zero. ``None``: exact.
+        saturate: Overflow (and ±Inf) become ±max instead of ±Inf/NaN.
+        out: Optional tensor of x's dtype or of the format's native dtype to write into.
+    """
+    f = _check(x, fmt, out)
+    if random_bits is not None and not (isinstance(random_bits, int) and 1 <= random_bits <= 62):
+        raise ValueError(f"random_bits={random_bits!r}; must be an int in 1..62 or None")
+    key = _random.derive_key(generator)
+    if x.dtype == torch.float32 and f.name == "bf16" and not saturate and (random_bits is None or random_bits <= 16):
+        return _finish_sr_bf16(x, key, 16 if random_bits is None else random_bits, out)
+    if f.precision >= _precision(x.dtype) and f.emax >= _emax(x.dtype) and f.min_positive <= _min_positive(x.dtype):
+        return _finish(x.clone() if out is None else x, x, out)
+    return _finish(_generic(x, f, "stochastic", saturate=saturate, key=key, random_bits=random_bits), x, out)
+
+
+# --------------------------------------------------------------------------------------------------
+# fp32 -> bf16 stochastic rounding fast path
+# --------------------------------------------------------------------------------------------------
+def sr_bf16_random16(key: int, n: int, device: torch.device | str) -> torch.Tensor:
+    """The 16-bit random numbers of the bf16 fast path, as int32 in [0, 2^16).
+
+    Element i uses lane i % 4 of the splitmix64 word for counter i // 4 (bits 16*lane .. 16*lane+15).
+    """
+    blocks = _random.splitmix64(key, torch.arange((n + 3) // 4, dtype=torch.int64, device=device))
+    lanes = torch.stack([_random._lsr(blocks, 16 * j) & 0xFFFF for j in range(4)], dim=1)
+    return lanes.reshape(-1)[:n].to(torch.int32)
+
+
+def _sr_bf16_torch(x: torch.Tensor, key: int, random_bits: int) -> torch.Tensor:
+    """Pure-torch fp32 -> bf16 stochastic rounding (returns fp32 holding bf16 values)."""
+    flat = x.reshape(-1)
+    r = sr_bf16_random16(key, flat.numel(), x.device)
+    if random_bits < 16:
+        r = r & ~((1 << (16 - random_bits)) - 1)  # keep the top r of the 16 random bits
+    bits = flat.view(torch.int32)
+    rounded = ((bits + r) & -65536).view(torch.float32)  # -65536 == 0xFFFF0000 as int32
+    rounded = torch.where(torch.isnan(flat), flat, rounded)  # a NaN payload must not carry into Inf
+    return rounded.view(x.shape)
+
+
+def _finish_sr_bf16(x: torch.Tensor, key: int, random_bits: int, out: torch.Tensor | None) -> torch.Tensor:
+    from precision_lab import _native
+
+    if x.device.type == "cpu" and _native.enabled():
+        xc = x.contiguous()
+        if out is not None and out.is_contiguous():
+            _native.sr_bf16(xc, out, key, random_bits)
+            return out
+        res = torch.empty_like(xc)
+        _native.sr_bf16(xc, res, key, random_bits)
+        return _finish(res, x, out)
+    return _finish(_sr_bf16_torch(x.contiguous(), key, random_bits), x, out)
+
+
+# --------------------------------------------------------------------------------------------------
+# dtype facts used for identity shortcuts
+# --------------------------------------------------------------------------------------------------
+_DTYPE_FACTS = {  # precision t, emax, smallest positive (subnormal) of the input dtypes
+    torch.float16: (11, 15, 2.0**-24),
+    torch.bfloat16: (8, 127, 2.0**-133),
+    torch.float32: (24, 127, 2.0**-149),
+    torch.float64: (53, 1023, 2.0**-1074),
+}
+
+
+def _precision(dtype: torch.dtype) -> int:
+    return _DTYPE_FACTS[dtype][0]
+
+
+def _emax(dtype: torch.dtype) -> int:
+    return _DTYPE_FACTS[dtype][1]
+
+
+def _min_positive(dtype: torch.dtype) -> float:
+    return _DTYPE_FACTS[dtype][2]
