@@ -200,7 +200,9 @@ def get_format(fmt: str | Format | torch.dtype, *, subnormals: bool | None = Non
     elif isinstance(fmt, torch.dtype):
         matches = [f for f in _NAMED.values() if f.torch_dtype == fmt]
         if not matches:
-            raise ValueError(f"unknown format dtype {fmt!r}; known: {[str(f.torch_dtype) for f in _NAMED.values() if f.torch_dtype]}")
+            raise ValueError(
+                f"unknown format dtype {fmt!r}; known: {[str(f.torch_dtype) for f in _NAMED.values() if f.torch_dtype]}"
+            )
         f = matches[0]
     elif isinstance(fmt, str):
         key = fmt.strip().lower()

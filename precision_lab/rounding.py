@@ -65,7 +65,9 @@ def _check(x: torch.Tensor, fmt: str | Format, out: torch.Tensor | None) -> Form
     if out is not None:
         allowed = {x.dtype} | ({f.torch_dtype} if f.torch_dtype is not None else set())
         if out.dtype not in allowed:
-            raise ValueError(f"out has dtype {out.dtype}; for x of {x.dtype} into {f.name} it must be one of {sorted(map(str, allowed))}")
+            raise ValueError(
+                f"out has dtype {out.dtype}; for x of {x.dtype} into {f.name} it must be one of {sorted(map(str, allowed))}"
+            )
         if out.shape != x.shape:
             raise ValueError(f"out has shape {tuple(out.shape)}, x has shape {tuple(x.shape)}")
         if out.device != x.device:
