@@ -1,0 +1,25 @@
+"""Experiments: one readable module per experiment, registered by name for the CLI.
+
+Each module defines ``NAME``, a ``Config`` dataclass (with a ``quick()`` classmethod), ``run(config,
+out_dir, *, seed, device)`` that writes ``results.csv`` + ``metadata.json``, and ``plot(out_dir,
+fig_dir)`` that only reads stored results.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["REGISTRY", "get_experiment"]
+
+# name -> module; the issue tracker adds summation, model-gradients, underflow, ... as they land.
+REGISTRY: dict[str, str] = {
+    "stagnation": "experiments.stagnation",
+}
+
+
+def get_experiment(name: str) -> ModuleType:
+    """Import the experiment module registered as ``name``; ValueError lists the known names."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return importlib.import_module(REGISTRY[name])

@@ -1,0 +1,87 @@
+"""The ``precision-lab`` command: list, run, plot and reproduce experiments.
+
+Bad input (unknown experiment, bad option value, CUDA asked for where there is none) exits with
+code 2 and one line naming the valid choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        print(f"precision-lab: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="precision-lab", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="list the experiments")
+    r = sub.add_parser("run", help="run one experiment and write its results")
+    r.add_argument("experiment")
+    r.add_argument("--quick", action="store_true", help="small sizes: seconds on 2 cores")
+    r.add_argument("--out", default="results", help="results folder (default: results/)")
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    r.add_argument("--seed", type=int, default=0)
+    pl = sub.add_parser("plot", help="rebuild an experiment's figures from stored results")
+    pl.add_argument("experiment")
+    pl.add_argument("--out", default="results")
+    rp = sub.add_parser("reproduce", help="run every experiment and build every figure")
+    rp.add_argument("--quick", action="store_true")
+    rp.add_argument("--out", default="results")
+    rp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    rp.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _run(name: str, *, quick: bool, out: Path, device: str, seed: int) -> None:
+    from experiments import get_experiment
+
+    exp = get_experiment(name)
+    config = exp.Config.quick() if quick else exp.Config()
+    path = exp.run(config, out / name, seed=seed, device=device)
+    print(f"{name}: results in {path}")
+
+
+def _plot(name: str, out: Path) -> None:
+    from experiments import get_experiment
+
+    for path in get_experiment(name).plot(out / name, out / "figures"):
+        print(f"{name}: figure {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``precision-lab`` command."""
+    args = _parser().parse_args(argv)
+    from experiments import REGISTRY
+
+    try:
+        if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but no CUDA device is available; use --device cpu")
+        if args.command == "list":
+            for name in sorted(REGISTRY):
+                print(name)
+        elif args.command == "run":
+            _run(args.experiment, quick=args.quick, out=Path(args.out), device=args.device, seed=args.seed)
+        elif args.command == "plot":
+            _plot(args.experiment, Path(args.out))
+        else:
+            for name in sorted(REGISTRY):
+                _run(name, quick=args.quick, out=Path(args.out), device=args.device, seed=args.seed)
+                _plot(name, Path(args.out))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"precision-lab: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
