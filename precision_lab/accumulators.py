@@ -37,7 +37,7 @@ import torch
 
 from precision_lab import _native, _random
 from precision_lab.formats import Format, get_format
-from precision_lab.rounding import _bernoulli, round_nearest, round_stochastic
+from precision_lab.rounding import _bernoulli, round_nearest
 
 __all__ = ["STRATEGIES", "Accumulator"]
 
@@ -78,7 +78,7 @@ def _changed_count(new: torch.Tensor, old: torch.Tensor, t: torch.Tensor) -> int
 
 
 def naive_step(s: torch.Tensor, t: torch.Tensor, f: Format, count_lost: bool) -> int:
-    """s <- RN(s + t) in place; returns the lost element-adds (0 when not counted)."""
+    """Naive step ``s <- RN(s + t)`` in place; returns the lost element-adds (0 when not counted)."""
     if count_lost:
         if s.device.type == "cpu" and s.dtype == torch.bfloat16 and _native.enabled():
             return _native.naive_add_bf16(s, t)
@@ -117,7 +117,7 @@ def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def stochastic_step(s: torch.Tensor, t: torch.Tensor, f: Format, key: int, count_lost: bool) -> int:
-    """s <- SR_f(s + t) with s + t formed in >= 2p + 2 bits; returns lost element-adds."""
+    """Stochastic step ``s <- SR_f(s + t)``, s + t formed in >= 2p + 2 bits; returns lost element-adds."""
     if s.device.type == "cpu" and s.dtype == torch.bfloat16 and _native.enabled():
         return _native.sr_add_bf16(s, t, key, count_lost)
     old = s.clone() if count_lost else None
