@@ -9,11 +9,12 @@ An :class:`Accumulator` is a stateful shell (optimi style) over pure per-strateg
 ``kahan``      compensated summation with ``s`` *and* the compensation ``c`` stored in the format:
                ``y = RN(t - c); u = RN(s + y); c = RN(RN(u - s) - y); s = u``.
 ``stochastic`` ``s <- SR(s + t)`` with ``s + t`` formed in at least 2p+2 bits (fp32 for formats of
-               p <= 11 bits, fp64 up to 26, an exact TwoSum for fp32/fp64 buffers).
+               p <= 11 bits, fp64 up to 26 (fp32 buffers included), an exact TwoSum for fp64).
 ``pairwise``   a binary-counter cascade: slot k holds the RN sum of 2^k consecutive addends, so a
                sum of N addends is a balanced tree of depth ceil(log2 N) (Higham 2002, §4.2).
-``exact``      fp64 sum with an fp64 error term (TwoSum, Neumaier/Knuth): the rounded inputs are
-               summed to ~106 bits, the reference for every other strategy.
+``exact``      a renormalised double-double (TwoSum + Fast2Sum, ~106 bits) of the rounded inputs:
+               the reference for every other strategy.  Exact while the partial sums fit in 106
+               bits; otherwise within 2^-104 of the sum of their magnitudes (see ``exact_step``).
 =============  ================================================================================
 
 Arithmetic in a format: natively where torch has the dtype (bf16/fp16 ops round once from fp32,
@@ -113,7 +114,8 @@ def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     hi = a + b
     bb = hi - a
     lo = (a - (hi - bb)) + (b - bb)
-    return hi, lo
+    # Inf/NaN: the error term would be Inf - Inf = NaN; the sum itself already says it all.
+    return hi, torch.where(torch.isfinite(hi), lo, torch.zeros_like(lo))
 
 
 def stochastic_step(s: torch.Tensor, t: torch.Tensor, f: Format, key: int, count_lost: bool) -> int:
@@ -127,9 +129,9 @@ def stochastic_step(s: torch.Tensor, t: torch.Tensor, f: Format, key: int, count
         new = _sr_from_fp32(wide, f, key)
     elif f.precision <= 26:
         new = _sr_from_fp64(s.double() + t.double(), f, key)
-    else:  # fp32 / fp64 buffers: s + t = hi + lo exactly, then round the pair stochastically
-        hi, lo = _two_sum(s.double(), t.double()) if f.precision <= 24 else _two_sum(s, t)
-        new = _sr_pair(hi, lo, f, key)
+    else:  # fp64 buffer: s + t = hi + lo exactly, then round the pair stochastically
+        hi, lo = _two_sum(s, t)
+        new = _sr_pair(hi, lo, key)
     s.copy_(new)
     return _changed_count(s, old, t) if count_lost else 0
 
@@ -148,13 +150,8 @@ def _sr_from_fp64(wide: torch.Tensor, f: Format, key: int) -> torch.Tensor:
     return _generic(wide, f, "stochastic", key=key)
 
 
-def _sr_pair(hi: torch.Tensor, lo: torch.Tensor, f: Format, key: int) -> torch.Tensor:
-    """Stochastically round the exact value hi + lo (|lo| <= ulp(hi)/2) into f (fp32 or fp64)."""
-    if f.precision <= 24:
-        # hi is fp64 with |lo| tiny; the fp64 value hi+lo rounded once to fp64 keeps >= 53 bits.
-        from precision_lab.rounding import _generic
-
-        return _generic(hi + lo, f, "stochastic", key=key).to(torch.float32)
+def _sr_pair(hi: torch.Tensor, lo: torch.Tensor, key: int) -> torch.Tensor:
+    """Stochastically round the exact value hi + lo (fp64, |lo| <= ulp(hi)/2) to fp64."""
     # fp64 buffer: the neighbours of hi + lo are hi and the next fp64 number in lo's direction.
     toward = torch.where(lo > 0, torch.full_like(hi, math.inf), torch.full_like(hi, -math.inf))
     nxt = torch.nextafter(hi, toward)
@@ -164,20 +161,41 @@ def _sr_pair(hi: torch.Tensor, lo: torch.Tensor, f: Format, key: int) -> torch.T
     return torch.where(torch.isfinite(hi), out, hi)
 
 
+def exact_step(s: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> None:
+    """Double-double accumulation (s, c) <- (s, c) + t, renormalised so that |c| <= ulp(s)/2.
+
+    TwoSum makes s + t = h + e exactly; only the fp64 add c + e rounds, so each step's error is at
+    most 2^-53 |c + e| <= 2^-105 |h| (Joldes, Muller & Popescu 2017, DWPlusFP: relative error <=
+    2u^2 of the step's result).  The sum is exact whenever every partial sum fits in 106 bits,
+    e.g. addends spanning fewer than ~106 - log2(N) binades; in general
+    |value - exact| <= 2^-104 * sum_k |partial sum_k|.
+    """
+    h, e = _two_sum(s, t)
+    lo = c + e
+    hi = h + lo  # Fast2Sum(h, lo): |lo| is far below |h|, so the error term below is exact
+    c.copy_(torch.where(torch.isfinite(hi), lo - (hi - h), torch.zeros_like(lo)))
+    s.copy_(hi)
+
+
 def pairwise_step(slots: list[torch.Tensor | None], t: torch.Tensor, f: Format, count_lost: bool) -> int:
     """Binary-counter insertion: carry t up through occupied slots, merging with RN."""
     carry = t.clone()
-    lost = 0
+    # An element-add is lost when some merge of its cascade returned one operand unchanged although
+    # the other was finite and nonzero (counted once per element-add, whichever operand vanished).
+    lost_mask = torch.zeros_like(t, dtype=torch.bool) if count_lost else None
     for k in range(len(slots) + 1):
         if k == len(slots):
             slots.append(None)
         slot = slots[k]
         if slot is None:
             slots[k] = carry
-            return lost
+            return int(lost_mask.sum()) if count_lost else 0
         merged = _op(slot, carry, f, +1)
         if count_lost:
-            lost += _changed_count(merged, slot, carry)
+            absorbed = ((merged == slot) & (carry != 0) & torch.isfinite(carry) & torch.isfinite(slot)) | (
+                (merged == carry) & (slot != 0) & torch.isfinite(slot) & torch.isfinite(carry)
+            )
+            lost_mask |= absorbed
         slots[k] = None
         carry = merged
     raise AssertionError("unreachable")
@@ -232,6 +250,8 @@ class Accumulator:
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device {str(device)!r}; known: 'cpu', 'cuda'")
         self.dtype = torch.float64 if strategy == "exact" else work_dtype(self.format)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
         self.count_lost = count_lost
         self.reset()
@@ -319,9 +339,7 @@ class Accumulator:
         elif self.strategy == "pairwise":
             lost = pairwise_step(self._slots, tr, f, self.count_lost)
         else:
-            hi, lo = _two_sum(self._s, tr)  # exact: s + t == hi + lo
-            self._s.copy_(hi)
-            self._c.add_(lo)  # the error terms are tiny; their own rounding is ~2^-106 relative
+            exact_step(self._s, self._c, tr)
             lost = 0
         self.lost_updates += lost
         self.count += 1
@@ -340,13 +358,13 @@ class Accumulator:
             return self._s.double() - self._c.double()
         if self.strategy == "exact":
             return self._s + self._c
-        return self._s.double()
+        return self._s.to(torch.float64, copy=True)
 
     def raw_sum(self) -> torch.Tensor:
         """The running sum ``s`` alone (no compensation, no cascade merge), as float64."""
         if self.strategy == "pairwise":
             return self.value()
-        return self._s.double()
+        return self._s.to(torch.float64, copy=True)
 
     def __repr__(self) -> str:
         return (f"Accumulator({self.strategy!r}, {self.format.name!r}, shape={tuple(self.shape)}, "
