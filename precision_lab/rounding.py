@@ -33,8 +33,10 @@ How the result is computed (every step exact, so the only rounding is the one we
   pass (:mod:`precision_lab._native`); the pure-torch version gives the same bits.
 
 Overflow: results beyond ``fmt.max`` become ±Inf where the format has Inf; in fp8_e4m3 (no Inf)
-they become NaN, as in ml_dtypes, or ``±max`` with ``saturate=True`` (which also maps ±Inf inputs to
-±max).  ``round_toward_zero`` never overflows a finite input (IEEE: it returns ±max).  NaN stays NaN.
+they become NaN, as in ml_dtypes.  ``saturate=True`` maps overflow *and* ±Inf inputs to ±max in
+every format (CUDA's "SATFINITE" conversion mode).  A bf16 or fp16 input whose rounded value is
+not a number of its own dtype (fp16 65504 rounded to bf16 is 65536) raises ``ValueError`` rather
+than being rounded a second time by the cast back.  ``round_toward_zero`` never overflows a finite input (IEEE: it returns ±max).  NaN stays NaN.
 """
 
 from __future__ import annotations
@@ -78,7 +80,18 @@ def _check(x: torch.Tensor, fmt: str | Format, out: torch.Tensor | None) -> Form
 def _finish(result: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """Return ``result`` in x's dtype, or copy it into ``out`` (exact: values are representable)."""
     if out is None:
-        return result if result.dtype == x.dtype else result.to(x.dtype)
+        if result.dtype == x.dtype:
+            return result
+        cast = result.to(x.dtype)
+        if x.dtype in (torch.float16, torch.bfloat16) and not bool(
+            (cast.to(result.dtype) == result).logical_or_(torch.isnan(result)).all()
+        ):
+            bad = result[(cast.to(result.dtype) != result) & ~torch.isnan(result)][0].item()
+            raise ValueError(
+                f"the rounded value {bad!r} is not representable in the input dtype {x.dtype}; "
+                "pass x as float32/float64 or give out= of the format's dtype"
+            )
+        return cast
     out.copy_(result)
     return out
 
@@ -114,11 +127,12 @@ def _finalize(x64: torch.Tensor, mag: torch.Tensor, f: Format, *, saturate: bool
     if not f.subnormals:
         mag = torch.where(mag < f.smallest_normal, torch.zeros_like(mag), mag)
     res = torch.copysign(mag, x64)
-    # Non-finite inputs: NaN stays NaN; Inf stays Inf where the format has it, else NaN (or max).
-    if f.has_inf:
-        inf_to = x64
-    elif saturate:
+    # Non-finite inputs: NaN stays NaN; with saturate ±Inf -> ±max ("SATFINITE"); otherwise Inf stays
+    # Inf where the format has it, else becomes NaN.
+    if saturate:
         inf_to = torch.copysign(torch.full_like(x64, fmax), x64)
+    elif f.has_inf:
+        inf_to = x64
     else:
         inf_to = torch.full_like(x64, math.nan)
     res = torch.where(torch.isinf(x64), inf_to, res)
@@ -184,7 +198,8 @@ def round_nearest(x: torch.Tensor, fmt: str | Format, *, saturate: bool = False,
     Args:
         x: fp16, bf16, fp32 or fp64 tensor, any device.
         fmt: Target format (name, ``eXmY`` or :class:`Format`).
-        saturate: Overflow (and ±Inf) become ±max instead of ±Inf/NaN.
+        saturate: Overflow and ±Inf inputs become ±max (like CUDA's SATFINITE conversions)
+            instead of ±Inf/NaN.
         out: Optional tensor of x's dtype or of the format's native dtype to write into.
 
     Returns:
@@ -194,7 +209,7 @@ def round_nearest(x: torch.Tensor, fmt: str | Format, *, saturate: bool = False,
     if f.name in ("fp64", "fp32") and f.precision >= _precision(x.dtype) and f.emax >= _emax(x.dtype):
         return _finish(x.clone() if out is None else x, x, out)  # every x is representable
     w = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # exact widening
-    if w.dtype == torch.float32 and f.name in _NATIVE_RN_FROM_FP32:
+    if w.dtype == torch.float32 and f.name in _NATIVE_RN_FROM_FP32 and (not saturate or f.name == "fp8_e4m3"):
         native = out if out is not None and out.dtype == f.torch_dtype and f.name != "fp8_e4m3" else None
         if native is not None:
             native.copy_(w)  # torch's fp32 -> bf16/fp16/fp8_e5m2 cast rounds to nearest even
