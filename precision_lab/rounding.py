@@ -206,7 +206,7 @@ def round_nearest(x: torch.Tensor, fmt: str | Format, *, saturate: bool = False,
         A tensor of x's dtype (or ``out``) holding values representable in ``fmt``.
     """
     f = _check(x, fmt, out)
-    if f.name in ("fp64", "fp32") and f.precision >= _precision(x.dtype) and f.emax >= _emax(x.dtype):
+    if f.name in ("fp64", "fp32") and f.precision >= _precision(x.dtype) and f.emax >= _emax(x.dtype) and not saturate:
         return _finish(x.clone() if out is None else x, x, out)  # every x is representable
     w = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # exact widening
     if w.dtype == torch.float32 and f.name in _NATIVE_RN_FROM_FP32 and (not saturate or f.name == "fp8_e4m3"):
@@ -257,12 +257,15 @@ def round_stochastic(x: torch.Tensor, fmt: str | Format, *, generator: torch.Gen
         out: Optional tensor of x's dtype or of the format's native dtype to write into.
     """
     f = _check(x, fmt, out)
-    if random_bits is not None and not (isinstance(random_bits, int) and 1 <= random_bits <= 62):
+    if random_bits is not None and not (
+        isinstance(random_bits, int) and not isinstance(random_bits, bool) and 1 <= random_bits <= 62
+    ):
         raise ValueError(f"random_bits={random_bits!r}; must be an int in 1..62 or None")
     key = _random.derive_key(generator)
     if x.dtype == torch.float32 and f.name == "bf16" and not saturate and (random_bits is None or random_bits <= 16):
         return _finish_sr_bf16(x, key, 16 if random_bits is None else random_bits, out)
-    if f.precision >= _precision(x.dtype) and f.emax >= _emax(x.dtype) and f.min_positive <= _min_positive(x.dtype):
+    if (f.precision >= _precision(x.dtype) and f.emax >= _emax(x.dtype)
+            and f.min_positive <= _min_positive(x.dtype) and not saturate):  # fmt: skip
         return _finish(x.clone() if out is None else x, x, out)
     return _finish(_generic(x, f, "stochastic", saturate=saturate, key=key, random_bits=random_bits), x, out)
 
