@@ -38,7 +38,7 @@ import torch
 
 from precision_lab import _native, _random
 from precision_lab.formats import Format, get_format
-from precision_lab.rounding import _bernoulli, round_nearest
+from precision_lab.rounding import _bernoulli, _finish_sr_bf16, _round_any, round_nearest
 
 __all__ = ["STRATEGIES", "Accumulator"]
 
@@ -137,17 +137,13 @@ def stochastic_step(s: torch.Tensor, t: torch.Tensor, f: Format, key: int, count
 
 
 def _sr_from_fp32(wide: torch.Tensor, f: Format, key: int) -> torch.Tensor:
-    from precision_lab.rounding import _finish_sr_bf16, _generic
-
     if f.name == "bf16":
         return _finish_sr_bf16(wide, key, 16, None)
-    return _generic(wide, f, "stochastic", key=key).to(wide.dtype)
+    return _round_any(wide, f, "stochastic", key=key)
 
 
 def _sr_from_fp64(wide: torch.Tensor, f: Format, key: int) -> torch.Tensor:
-    from precision_lab.rounding import _generic
-
-    return _generic(wide, f, "stochastic", key=key)
+    return _round_any(wide, f, "stochastic", key=key)
 
 
 def _sr_pair(hi: torch.Tensor, lo: torch.Tensor, key: int) -> torch.Tensor:

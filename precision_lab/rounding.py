@@ -155,6 +155,28 @@ def _generic(x: torch.Tensor, f: Format, mode: str, *, saturate: bool = False, k
     return _finalize(x64, r * q, f, saturate=saturate, rz=mode == "zero")
 
 
+_NATIVE_MIN_NUMEL = 4096  # below this, a numba launch costs more than the eager torch ops
+
+
+def _round_any(x: torch.Tensor, f: Format, mode: str, *, saturate: bool = False, key: int = 0,
+               random_bits: int | None = None) -> torch.Tensor:  # fmt: skip
+    """:func:`_generic` with x's dtype out (fp32/fp64 x), through the compiled kernel where it applies.
+
+    The kernel (:mod:`precision_lab._native_generic`) gives the same bits in one pass; it is used
+    on CPU for tensors of at least ``_NATIVE_MIN_NUMEL`` elements when every result of ``f`` is a
+    number of x's dtype (otherwise ``_finish`` must see the float64 result to refuse it).
+    """
+    from precision_lab import _native_generic
+
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.numel() >= _NATIVE_MIN_NUMEL
+            and f.fits_in(get_format(x.dtype)) and _native_generic.enabled()):  # fmt: skip
+        xc = x.contiguous()
+        res = torch.empty_like(xc)
+        _native_generic.round_into(xc, res, f, mode, saturate=saturate, key=key, random_bits=random_bits)
+        return res
+    return _generic(x, f, mode, saturate=saturate, key=key, random_bits=random_bits)
+
+
 def _bernoulli(frac: torch.Tensor, key: int, random_bits: int | None) -> torch.Tensor:
     """One exact Bernoulli(frac) draw per element, frac in [0, 1) float64; returns 0.0/1.0 float64.
 
@@ -222,7 +244,7 @@ def round_nearest(x: torch.Tensor, fmt: str | Format, *, saturate: bool = False,
         return _finish(r, x, out)
     if x.dtype == torch.float64 and f.name == "fp32" and not saturate:
         return _finish(x.to(torch.float32).to(torch.float64), x, out)  # one correctly rounded cast
-    return _finish(_generic(x, f, "nearest", saturate=saturate), x, out)
+    return _finish(_round_any(w, f, "nearest", saturate=saturate), x, out)
 
 
 def round_toward_zero(x: torch.Tensor, fmt: str | Format, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,7 +256,8 @@ def round_toward_zero(x: torch.Tensor, fmt: str | Format, *, out: torch.Tensor |
         out: Optional tensor of x's dtype or of the format's native dtype to write into.
     """
     f = _check(x, fmt, out)
-    return _finish(_generic(x, f, "zero"), x, out)
+    w = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # exact widening
+    return _finish(_round_any(w, f, "zero"), x, out)
 
 
 def round_stochastic(x: torch.Tensor, fmt: str | Format, *, generator: torch.Generator | None = None,
@@ -267,7 +290,8 @@ def round_stochastic(x: torch.Tensor, fmt: str | Format, *, generator: torch.Gen
     if (f.precision >= _precision(x.dtype) and f.emax >= _emax(x.dtype)
             and f.min_positive <= _min_positive(x.dtype) and not saturate):  # fmt: skip
         return _finish(x.clone() if out is None else x, x, out)
-    return _finish(_generic(x, f, "stochastic", saturate=saturate, key=key, random_bits=random_bits), x, out)
+    w = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # exact widening
+    return _finish(_round_any(w, f, "stochastic", saturate=saturate, key=key, random_bits=random_bits), x, out)
 
 
 # --------------------------------------------------------------------------------------------------
