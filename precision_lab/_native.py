@@ -1,15 +1,484 @@
-"""Compiled CPU kernels (numba); placeholder until the kernels land: everything uses torch."""
+"""Compiled CPU kernels (numba) for the bf16 hot loops; the pure-torch code stays the reference.
+
+Each kernel fuses what the torch path does in several passes (and several temporaries) into one
+parallel loop over the elements, and gives **the same bits** as the torch code it replaces:
+
+========================  ========================================================================
+``sr_bf16``               fp32 -> bf16 stochastic rounding, the bits of ``rounding._sr_bf16_torch``
+``naive_add_bf16``        ``s <- RN(s + t)`` in bf16, the bits of ``s.add_(t)``, plus the lost count
+``kahan_add_bf16``        one Kahan step with every op rounded to bf16, as ``accumulators.kahan_step``
+``sr_add_bf16``           ``s <- SR(float(s) + float(t))``, as ``accumulators.stochastic_step``
+``count_nonfinite_bf16``  ``int((~torch.isfinite(t)).sum())`` for a bf16 ``t``, in one pass
+========================  ========================================================================
+
+Bit layout of the stochastic rounding (element i draws lane i % 4 of the splitmix64 word for
+counter i // 4, see :mod:`precision_lab._random`, so one hash serves four elements)::
+
+    splitmix64(key, i // 4)   | lane 3 | lane 2 | lane 1 | lane 0 |    (4 x 16 bits)
+    fp32 bits of x            s eeeeeeee mmmmmmm | llllllllllllllll
+                            + 0 00000000 0000000 | rrrrrrrrrrrrrrrr     r = lane (i % 4), low
+                                                                        16 - random_bits cleared
+    result                    s eeeeeeee mmmmmmm | 0000000000000000     (uint32 wrap = torch's)
+
+bf16 <-> fp32: a bf16 pattern h is the fp32 pattern ``h << 16``; fp32 -> bf16 rounds to nearest
+even as torch's cast does: ``(b + 0x7FFF + ((b >> 16) & 1)) >> 16``.  Sums are formed in fp32
+(``float(s) + float(t)``, one fp32 rounding) exactly as torch's bf16 ``add``/``sub`` do.
+
+NaN results: torch's CPU cast to bf16 writes one fixed pattern for every NaN, which depends on the
+build (0xFFFF from the vectorised x86 kernels, 0x7FC0 from the scalar code, e.g. with
+``ATEN_CPU_CAPABILITY=default``).  The kernels write the pattern that ``Tensor.to(torch.bfloat16)``
+produces in this process (probed once), so ``sr_bf16`` into a bf16 ``out`` and ``sr_add_bf16``
+match torch to the bit everywhere.  Torch's bf16 ``add_``/``sub`` use the vectorised code for whole
+vectors only and the scalar code (0x7FC0) for the elements left over in each thread's chunk, so
+for ``naive_add_bf16`` / ``kahan_add_bf16`` a NaN result can differ from torch's *payload*
+there (it is a NaN in both); every non-NaN result is bit-identical.
+
+Control:
+
+* numba is imported on the first call of :func:`enabled` (not when precision_lab is imported) and
+  each kernel is compiled on its first use (``cache=True``: later processes load it from
+  ``__pycache__`` in well under a second).
+* ``PRECISION_LAB_NATIVE=0`` (or ``false``/``no``/``off``) disables the kernels; the variable is
+  read at every call of :func:`enabled`, so it can be changed at run time.  Without numba the
+  torch code is used silently.
+* The kernels run on ``torch.get_num_threads()`` threads (capped by numba's ``NUMBA_NUM_THREADS``);
+  the bits do not depend on the thread count (each element's random lane depends only on its
+  index).
+"""
 
 from __future__ import annotations
 
+import functools
+import math
+import os
+import threading
+from types import ModuleType, SimpleNamespace
+
+import numpy as np
 import torch
+
+from precision_lab import _random
+
+__all__ = [
+    "ENV_VAR",
+    "count_nonfinite_bf16",
+    "enabled",
+    "kahan_add_bf16",
+    "naive_add_bf16",
+    "sr_add_bf16",
+    "sr_bf16",
+]
+
+ENV_VAR = "PRECISION_LAB_NATIVE"
+_OFF = ("0", "false", "no", "off")
+
+# Constants as fixed-width numpy scalars: numba freezes globals, and mixing uint64 with Python
+# ints would promote to float64.
+_GAMMA = np.uint64(_random.GAMMA)
+_MUL1 = np.uint64(_random.MUL1)
+_MUL2 = np.uint64(_random.MUL2)
+_ONE64 = np.uint64(1)
+_SH27 = np.uint64(27)
+_SH30 = np.uint64(30)
+_SH31 = np.uint64(31)
+_B16 = np.uint32(16)
+_ONE32 = np.uint32(1)
+_RNE_BIAS = np.uint32(0x7FFF)
+_HIGH16 = np.uint32(0xFFFF0000)
+_ABS32 = np.uint32(0x7FFFFFFF)
+_INF32 = np.uint32(0x7F800000)
+_ABS16 = np.uint16(0x7FFF)
+_INF16 = np.uint16(0x7F80)
+_ZERO16 = np.uint16(0)
+_ONE16 = np.uint16(1)
+_FIN16M1 = np.uint16(0x7F7F)  # |t| - 1 below this: t finite and nonzero
+
+
+# --------------------------------------------------------------------------------------------------
+# switches
+# --------------------------------------------------------------------------------------------------
+@functools.cache
+def _numba() -> ModuleType | None:
+    """Import numba once; None where it is not installed or does not import."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba
 
 
 def enabled() -> bool:
-    """Whether the compiled kernels are available and not disabled."""
-    return False
+    """Whether the compiled kernels are used: numba imports and ``PRECISION_LAB_NATIVE`` is not 0.
+
+    Returns:
+        True where the callers should use this module's kernels instead of the torch code.
+    """
+    if os.environ.get(ENV_VAR, "").strip().lower() in _OFF:
+        return False
+    return _numba() is not None
 
 
+@functools.cache
+def bf16_nan_bits() -> int:
+    """The bf16 pattern torch's CPU cast writes for a NaN in this process (0xFFFF on x86 builds)."""
+    probe = torch.full((64,), math.nan, dtype=torch.float32).to(torch.bfloat16)
+    return int(probe.view(torch.int16)[0]) & 0xFFFF
+
+
+def _threads(numba: ModuleType) -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+# --------------------------------------------------------------------------------------------------
+# kernel sources, compiled by _kernels() on first use
+# --------------------------------------------------------------------------------------------------
+# They are plain module-level functions so that numba's on-disk cache finds them again in the next
+# process (closures over other compiled functions would not be cached).  _kernels() replaces the
+# helpers' names in this module's namespace by their compiled versions (numba resolves globals when
+# it compiles a caller) and _prange by numba.prange.
+#
+# Elements are processed in chunks of _CHUNK: the parallel loop runs over chunks (so the work split
+# never depends on the thread count), and the inner loop over a chunk is a plain counted loop that
+# LLVM vectorises.  Lost updates are counted per chunk in a uint16 (hence _CHUNK < 2^16), which
+# vectorises in 16-bit lanes.  The stochastic kernels first fill a chunk's splitmix64 words (one
+# per 4 elements: a loop of 64-bit multiplies on its own) and then read them as 16-bit lanes: on a
+# little-endian machine uint16 number i of the words is lane i % 4 of word i // 4.
+_CHUNK = 32768  # a multiple of 4 (one random word per 4 elements) below 2^16 (uint16 counts)
+_prange = range
+
+
+def _mix(key, counter):  # splitmix64(key, counter), as _random.splitmix64_int
+    z = key + (counter + _ONE64) * _GAMMA
+    z = (z ^ (z >> _SH30)) * _MUL1
+    z = (z ^ (z >> _SH27)) * _MUL2
+    return z ^ (z >> _SH31)
+
+
+def _fill_words(words, key, first, count):  # words[j] = splitmix64(key, first + j), j < count
+    for j in range(np.uint64(0), np.uint64(count)):
+        words[j] = _mix(key, np.uint64(first) + j)
+
+
+def _isnan32(b):
+    return (b & _ABS32) > _INF32
+
+
+def _widen(h):  # bf16 bits -> the fp32 value (exact)
+    return np.uint32(np.uint32(h) << _B16).view(np.float32)
+
+
+def _to_bf16(v, nan):  # fp32 value -> bf16 bits, round to nearest even; NaN -> torch's pattern
+    b = np.float32(v).view(np.uint32)
+    r = np.uint16((b + _RNE_BIAS + ((b >> _B16) & _ONE32)) >> _B16)
+    return nan if _isnan32(b) else r
+
+
+def _rn32(v):  # fp32 value -> RN_bf16(v) as an fp32 value, without NaN fix-up (see _kahan_add)
+    b = np.float32(v).view(np.uint32)
+    return np.uint32((b + _RNE_BIAS + ((b >> _B16) & _ONE32)) & _HIGH16).view(np.float32)
+
+
+def _high16(v, nan):  # fp32 value holding a bf16 number -> its bf16 bits; NaN -> torch's pattern
+    b = np.float32(v).view(np.uint32)
+    return nan if _isnan32(b) else np.uint16(b >> _B16)
+
+
+def _sr16(b, r, nan):  # fp32 bits + 16 random bits -> bf16 bits (truncation after the carry)
+    v = np.uint16((b + r) >> _B16)
+    return nan if _isnan32(b) else v
+
+
+def _sr32(b, r):  # the same, kept as fp32 bits; a NaN passes through unchanged
+    v = (b + r) & _HIGH16
+    return b if _isnan32(b) else v
+
+
+def _same(a, b):  # bf16 bits a == b as numbers (-0 == +0, NaN != NaN)
+    return ((a == b) | (((a | b) & _ABS16) == _ZERO16)) & ((a & _ABS16) <= _INF16)
+
+
+def _counts(t, old):  # t finite and nonzero (|t| - 1 < 0x7F7F, wrapping), old finite
+    return (np.uint16((t & _ABS16) - _ONE16) < _FIN16M1) & ((old & _ABS16) < _INF16)
+
+
+def _sr_to_f32(x, out, key, mask):
+    n = x.size
+    for ch in _prange((n + _CHUNK - 1) // _CHUNK):
+        lo = ch * _CHUNK
+        m = min(n - lo, _CHUNK)
+        words = np.empty(_CHUNK // 4, np.uint64)
+        _fill_words(words, key, lo // 4, (m + 3) // 4)
+        r16 = words.view(np.uint16)
+        for i in range(np.uint64(0), np.uint64(m)):
+            k = np.uint64(lo) + i
+            out[k] = _sr32(x[k], np.uint32(r16[i]) & mask)
+    return 0
+
+
+def _sr_to_bf16(x, out, key, mask, nan):
+    n = x.size
+    for ch in _prange((n + _CHUNK - 1) // _CHUNK):
+        lo = ch * _CHUNK
+        m = min(n - lo, _CHUNK)
+        words = np.empty(_CHUNK // 4, np.uint64)
+        _fill_words(words, key, lo // 4, (m + 3) // 4)
+        r16 = words.view(np.uint16)
+        for i in range(np.uint64(0), np.uint64(m)):
+            k = np.uint64(lo) + i
+            out[k] = _sr16(x[k], np.uint32(r16[i]) & mask, nan)
+    return 0
+
+
+def _naive_add(s, t, nan):
+    n = s.size
+    lost = 0
+    for ch in _prange((n + _CHUNK - 1) // _CHUNK):
+        lo = np.uint64(ch * _CHUNK)
+        hi = np.uint64(min(n, (ch + 1) * _CHUNK))
+        count = np.uint16(0)
+        for i in range(lo, hi):
+            a = s[i]
+            b = t[i]
+            r = _to_bf16(_widen(a) + _widen(b), nan)
+            s[i] = r
+            count = np.uint16(count + np.uint16(_same(r, a) & _counts(b, a)))
+        lost += np.int64(count)
+    return lost
+
+
+def _kahan_add(s, c, t, nan):
+    # The intermediates stay fp32 values rounded to bf16 (_rn32) without the NaN fix-up: a NaN made
+    # by fp32 arithmetic on widened bf16 values is a quieted operand or the default NaN, both with
+    # zero low 16 bits, so rounding keeps it a NaN.  The stored results get torch's NaN pattern.
+    n = s.size
+    lost = 0
+    for ch in _prange((n + _CHUNK - 1) // _CHUNK):
+        lo = np.uint64(ch * _CHUNK)
+        hi = np.uint64(min(n, (ch + 1) * _CHUNK))
+        count = np.uint16(0)
+        for i in range(lo, hi):
+            a = s[i]
+            ci = c[i]
+            b = t[i]
+            fa = _widen(a)
+            y = _rn32(_widen(b) - _widen(ci))  # subtract the previous step's lost low part
+            fu = _rn32(fa + y)
+            u = _high16(fu, nan)
+            nc = _high16(_rn32(_rn32(fu - fa) - y), nan)  # (u - s) - y: what the add lost, negated
+            s[i] = u
+            c[i] = nc
+            count = np.uint16(count + np.uint16(_same(u, a) & _same(nc, ci) & _counts(b, a)))
+        lost += np.int64(count)
+    return lost
+
+
+def _sr_add(s, t, key, nan):
+    n = s.size
+    lost = 0
+    for ch in _prange((n + _CHUNK - 1) // _CHUNK):
+        lo = ch * _CHUNK
+        m = min(n - lo, _CHUNK)
+        words = np.empty(_CHUNK // 4, np.uint64)
+        _fill_words(words, key, lo // 4, (m + 3) // 4)
+        r16 = words.view(np.uint16)
+        count = np.uint16(0)
+        for i in range(np.uint64(0), np.uint64(m)):
+            k = np.uint64(lo) + i
+            a = s[k]
+            b = t[k]
+            v = _sr16(np.float32(_widen(a) + _widen(b)).view(np.uint32), np.uint32(r16[i]), nan)
+            s[k] = v
+            count = np.uint16(count + np.uint16(_same(v, a) & _counts(b, a)))
+        lost += np.int64(count)
+    return lost
+
+
+def _count_nonfinite(t):
+    n = t.size
+    total = 0
+    for ch in _prange((n + _CHUNK - 1) // _CHUNK):
+        lo = np.uint64(ch * _CHUNK)
+        hi = np.uint64(min(n, (ch + 1) * _CHUNK))
+        count = np.uint16(0)
+        for i in range(lo, hi):
+            count = np.uint16(count + np.uint16((t[i] & _INF16) == _INF16))
+        total += np.int64(count)
+    return total
+
+
+_HELPERS = {f.__name__: f for f in (_mix, _fill_words, _isnan32, _widen, _to_bf16, _rn32, _high16, _sr16,
+                                     _sr32, _same, _counts)}  # fmt: skip
+_PARALLEL = {
+    f.__name__.lstrip("_"): f for f in (_sr_to_f32, _sr_to_bf16, _naive_add, _kahan_add, _sr_add, _count_nonfinite)
+}
+_BUILD_LOCK = threading.Lock()
+
+
+def _jit(numba: ModuleType, fn, **options):
+    """numba.njit(fn) with cache=True where a cache directory is writable, else without."""
+    try:
+        return numba.njit(cache=True, **options)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(**options)(fn)
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    numba = _numba()
+    if numba is None:
+        raise RuntimeError(f"precision_lab._native needs numba (or set {ENV_VAR}=0)")
+    if not np.little_endian:  # the 16-bit view of the random words assumes it
+        raise RuntimeError("precision_lab._native assumes a little-endian machine")
+    with _BUILD_LOCK:
+        namespace = globals()
+        namespace["_prange"] = numba.prange
+        for name, fn in _HELPERS.items():
+            namespace[name] = _jit(numba, fn)
+        return SimpleNamespace(**{name: _jit(numba, fn, parallel=True) for name, fn in _PARALLEL.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# tensor plumbing
+# --------------------------------------------------------------------------------------------------
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """Unsigned bit patterns of a contiguous CPU tensor, sharing its memory (1-D)."""
+    if t.dtype == torch.bfloat16:
+        return t.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    return t.detach().reshape(-1).view(torch.int32).numpy().view(np.uint32)
+
+
+def _check(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], numel: int) -> None:
+    if t.device.type != "cpu" or t.dtype not in dtypes or t.numel() != numel:
+        raise ValueError(
+            f"{name}: expected a CPU tensor of {numel} elements and dtype in {[str(d) for d in dtypes]}, "
+            f"got {t.dtype} with {t.numel()} elements on {t.device}"
+        )
+
+
+def _inplace(fn, *bufs: torch.Tensor) -> int:
+    """Run ``fn`` on the bits of ``bufs``, through contiguous copies where a buffer is not contiguous."""
+    work = [b if b.is_contiguous() else b.contiguous() for b in bufs]
+    result = fn(*[_bits(w) for w in work])
+    for b, w in zip(bufs, work, strict=True):
+        if w is not b:
+            b.copy_(w)
+    return int(result)
+
+
+def _key(key: int) -> np.uint64:
+    return np.uint64(key & ((1 << 64) - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# public kernels
+# --------------------------------------------------------------------------------------------------
 def sr_bf16(x: torch.Tensor, out: torch.Tensor, key: int, random_bits: int) -> None:
-    """fp32 -> bf16 stochastic rounding into ``out`` (fp32 or bf16, contiguous)."""
-    raise NotImplementedError
+    """fp32 -> bf16 stochastic rounding of ``x`` into ``out``: the bits of ``_sr_bf16_torch``.
+
+    Args:
+        x: Contiguous fp32 CPU tensor.
+        out: Contiguous fp32 or bf16 CPU tensor with as many elements (may be ``x`` itself).
+        key: The stream's key (``_random.derive_key``); element i uses lane i % 4 of
+            ``splitmix64(key, i // 4)``.
+        random_bits: How many of the 16 random bits to use (1..16; the low ones are cleared).
+    """
+    _check("x", x, (torch.float32,), x.numel())
+    _check("out", out, (torch.float32, torch.bfloat16), x.numel())
+    if not (x.is_contiguous() and out.is_contiguous()):
+        raise ValueError("sr_bf16 needs contiguous x and out")
+    if not 1 <= random_bits <= 16:
+        raise ValueError(f"random_bits={random_bits!r}; the bf16 kernel takes 1..16")
+    k = _kernels()
+    _threads(_numba())
+    mask = np.uint32(0xFFFF & ~((1 << (16 - random_bits)) - 1))
+    if out.dtype == torch.bfloat16:
+        k.sr_to_bf16(_bits(x), _bits(out), _key(key), mask, np.uint16(bf16_nan_bits()))
+    else:
+        k.sr_to_f32(_bits(x), _bits(out), _key(key), mask)
+
+
+def naive_add_bf16(s: torch.Tensor, t: torch.Tensor) -> int:
+    """``s.add_(t)`` for bf16 ``s`` and ``t`` (same bits), counting the lost element-adds.
+
+    Args:
+        s: bf16 CPU buffer, updated in place.
+        t: bf16 CPU addend with as many elements.
+
+    Returns:
+        The element-adds with a finite nonzero ``t`` into a finite ``s`` that left ``s`` unchanged
+        (``accumulators._changed_count``).
+    """
+    _check("s", s, (torch.bfloat16,), s.numel())
+    _check("t", t, (torch.bfloat16,), s.numel())
+    k = _kernels()
+    _threads(_numba())
+    nan = np.uint16(bf16_nan_bits())
+    tb = _bits(t.contiguous())
+    return _inplace(lambda sb: k.naive_add(sb, tb, nan), s)
+
+
+def kahan_add_bf16(s: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> int:
+    """One bf16 Kahan step in place on ``(s, c)``: the bits of ``accumulators.kahan_step``.
+
+    ``y = RN(t - c); u = RN(s + y); c = RN(RN(u - s) - y); s = u``, each op rounded to bf16.
+
+    Args:
+        s: bf16 CPU running sum, updated in place.
+        c: bf16 CPU compensation, updated in place.
+        t: bf16 CPU addend.
+
+    Returns:
+        The element-adds with a finite nonzero ``t`` into a finite ``s`` that changed neither
+        ``s`` nor ``c``.
+    """
+    _check("s", s, (torch.bfloat16,), s.numel())
+    _check("c", c, (torch.bfloat16,), s.numel())
+    _check("t", t, (torch.bfloat16,), s.numel())
+    k = _kernels()
+    _threads(_numba())
+    nan = np.uint16(bf16_nan_bits())
+    tb = _bits(t.contiguous())
+    return _inplace(lambda sb, cb: k.kahan_add(sb, cb, tb, nan), s, c)
+
+
+def sr_add_bf16(s: torch.Tensor, t: torch.Tensor, key: int, count_lost: bool) -> int:
+    """``s <- SR_bf16(float(s) + float(t))`` in place: the bits of ``accumulators.stochastic_step``.
+
+    The fp32 sum is rounded as :func:`sr_bf16` rounds it (all 16 random bits, element i on lane
+    i % 4 of ``splitmix64(key, i // 4)``).
+
+    Args:
+        s: bf16 CPU buffer, updated in place.
+        t: bf16 CPU addend with as many elements.
+        key: The stream's key for this add.
+        count_lost: Whether to return the lost element-adds (else 0).
+
+    Returns:
+        The lost element-adds as ``accumulators._changed_count`` defines them, or 0.
+    """
+    _check("s", s, (torch.bfloat16,), s.numel())
+    _check("t", t, (torch.bfloat16,), s.numel())
+    k = _kernels()
+    _threads(_numba())
+    nan = np.uint16(bf16_nan_bits())
+    tb = _bits(t.contiguous())
+    lost = _inplace(lambda sb: k.sr_add(sb, tb, _key(key), nan), s)
+    return lost if count_lost else 0
+
+
+def count_nonfinite_bf16(t: torch.Tensor) -> int:
+    """Number of non-finite (Inf or NaN) elements of a bf16 CPU tensor, in one parallel pass.
+
+    Torch's ``int((~torch.isfinite(t)).sum())`` costs dozens of times a bf16 ``add_`` on CPU (a bool
+    temporary, then an int64 reduction); this is what an accumulator's ``nonfinite_inputs`` needs.
+
+    Args:
+        t: bf16 CPU tensor (any layout; a non-contiguous one is copied first).
+
+    Returns:
+        The count, as ``int((~torch.isfinite(t)).sum())`` gives it.
+    """
+    _check("t", t, (torch.bfloat16,), t.numel())
+    k = _kernels()
+    _threads(_numba())
+    return int(k.count_nonfinite(_bits(t.contiguous())))

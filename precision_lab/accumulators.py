@@ -324,7 +324,10 @@ class Accumulator:
     def add(self, t: torch.Tensor) -> None:
         """Round ``t`` to the buffer format (RN) and accumulate it with the strategy."""
         tr = self._prepare(t)
-        self.nonfinite_inputs += int((~torch.isfinite(tr)).sum())
+        if tr.device.type == "cpu" and tr.dtype == torch.bfloat16 and _native.enabled():
+            self.nonfinite_inputs += _native.count_nonfinite_bf16(tr)
+        else:
+            self.nonfinite_inputs += int(torch.count_nonzero(~torch.isfinite(tr)))
         f = self.format
         if self.strategy == "naive":
             lost = naive_step(self._s, tr, f, self.count_lost)

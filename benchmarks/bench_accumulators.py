@@ -1,0 +1,148 @@
+"""Speed of one ``Accumulator.add`` on CPU, against a plain bf16 ``s.add_(t)`` in the same process.
+
+Usage::
+
+    python benchmarks/bench_accumulators.py [--n 16777216] [--threads 2] [--repeat 10]
+
+Prints a markdown table: median wall time of ``--repeat`` adds (after two warm-up adds) into a
+buffer of ``--n`` elements, giga element-adds per second, and the ratio to the baseline
+``s.add_(t)`` (bf16 buffer, bf16 addend: what ``p.grad += g`` costs; timed first and again last,
+the faster median is the reference).  Every accumulator counts
+lost updates (the default), and the addend is already in the buffer's format except where said.
+The bf16 strategies run the compiled kernels of ``precision_lab/_native.py`` and, for comparison,
+the pure-torch fallback (``PRECISION_LAB_NATIVE=0``).  Targets: bf16 naive <= 1.5x the baseline,
+bf16 kahan <= 3x.  The last rows time the strategy step alone (with a compiled count of non-finite
+addends), to separate the kernels from the bookkeeping ``Accumulator.add`` does around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+import precision_lab as pl
+from precision_lab import _native
+from precision_lab.accumulators import kahan_step, naive_step, stochastic_step
+from precision_lab.formats import get_format
+
+BF16 = get_format("bf16")
+
+TARGETS = {"naive": 1.5, "kahan": 3.0}
+
+
+@contextlib.contextmanager
+def torch_path() -> Iterator[None]:
+    """Switch the compiled kernels off (the pure-torch fallback) inside the block."""
+    before = os.environ.get(_native.ENV_VAR)
+    os.environ[_native.ENV_VAR] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_native.ENV_VAR]
+        else:
+            os.environ[_native.ENV_VAR] = before
+
+
+def timeit(fn: Callable[[], object], repeat: int) -> float:
+    """Median seconds of ``repeat`` calls after two warm-up calls."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16 * 2**20, help="buffer elements (default 16M)")
+    parser.add_argument("--threads", type=int, default=2, help="torch (and kernel) threads")
+    parser.add_argument("--repeat", type=int, default=10, help="timed adds per row (median)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    n = args.n
+
+    g = torch.Generator().manual_seed(0)
+    t32 = torch.randn(n, generator=g) * 1e-3
+    t = t32.bfloat16()
+    t16 = t32.half()
+    s = torch.randn(n, generator=g).bfloat16()
+
+    sn, sk, ss = s.clone(), s.clone(), s.clone()
+    ck = torch.zeros_like(s)
+
+    def step(fn: Callable[..., int], *args: object) -> Callable[[], None]:
+        def run() -> None:
+            _native.count_nonfinite_bf16(t)
+            fn(*args)
+
+        return run
+
+    def add(strategy: str, fmt: str, addend: torch.Tensor, *, fallback: bool = False) -> Callable[[], None]:
+        acc = pl.Accumulator(strategy, fmt, n, generator=torch.Generator().manual_seed(1))
+        if fallback:
+
+            def step() -> None:
+                with torch_path():
+                    acc.add(addend)
+
+            return step
+        return lambda: acc.add(addend)
+
+    rows: list[tuple[str, Callable[[], object]]] = [
+        ("`s.add_(t)` bf16 (baseline)", lambda: s.add_(t)),
+        ("naive bf16 (compiled)", add("naive", "bf16", t)),
+        ("kahan bf16 (compiled)", add("kahan", "bf16", t)),
+        ("stochastic bf16 (compiled)", add("stochastic", "bf16", t)),
+        ("naive bf16 (torch fallback)", add("naive", "bf16", t, fallback=True)),
+        ("kahan bf16 (torch fallback)", add("kahan", "bf16", t, fallback=True)),
+        ("stochastic bf16 (torch fallback)", add("stochastic", "bf16", t, fallback=True)),
+        ("pairwise bf16", add("pairwise", "bf16", t)),
+        ("exact (fp64 + fp64 error term), bf16 addend", add("exact", "bf16", t)),
+        ("naive fp32", add("naive", "fp32", t32)),
+        ("kahan fp16 (torch)", add("kahan", "fp16", t16)),
+        # What Accumulator.add costs without its torch count of non-finite addends (see below)
+        ("`int((~torch.isfinite(t)).sum())` alone", lambda: int((~torch.isfinite(t)).sum())),
+        ("`_native.count_nonfinite_bf16(t)` alone", lambda: _native.count_nonfinite_bf16(t)),
+        ("naive bf16 step (compiled) + kernel count", step(naive_step, sn, t, BF16, True)),
+        ("kahan bf16 step (compiled) + kernel count", step(kahan_step, sk, ck, t, BF16, True)),
+        ("stochastic bf16 step (compiled) + kernel count", step(stochastic_step, ss, t, BF16, 7, True)),
+    ]
+
+    print(f"# bench_accumulators: n = {n:,}, threads = {args.threads}, median of {args.repeat} (2 warm-up)")
+    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {platform.processor() or platform.machine()}, "
+          f"compiled kernels: {'on' if _native.enabled() else 'OFF'}\n")  # fmt: skip
+    print("| case | ms | G elem/s | x baseline |")
+    print("| --- | ---: | ---: | ---: |")
+    times = {name: timeit(fn, args.repeat) for name, fn in rows}
+    # The baseline again, after everything else: the ratios use the faster of its two medians.
+    again = timeit(rows[0][1], args.repeat)
+    base = min(times[rows[0][0]], again)
+    for name, sec in [*times.items(), ("(baseline again, after the other rows)", again)]:
+        print(f"| {name} | {sec * 1e3:.2f} | {n / sec / 1e9:.2f} | {sec / base:.2f} |")
+
+    print("\nTargets (compiled bf16 strategies, ratio to the baseline):")
+    for strategy, target in TARGETS.items():
+        for what, name in (("Accumulator.add", f"{strategy} bf16 (compiled)"),
+                           ("step + kernel count", f"{strategy} bf16 step (compiled) + kernel count")):  # fmt: skip
+            ratio = times[name] / base
+            print(f"- {strategy} <= {target}x, {what}: {ratio:.2f}x -> {'met' if ratio <= target else 'NOT met'}")
+    print(
+        "\n'step + kernel count' is the strategy step that Accumulator.add calls plus the compiled count of\n"
+        "non-finite addends; Accumulator.add itself counts them with torch (the 'alone' row), which on CPU\n"
+        "costs far more than the add."
+    )
+
+
+if __name__ == "__main__":
+    main()

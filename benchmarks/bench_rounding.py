@@ -1,0 +1,153 @@
+"""Speed of the roundings on CPU, against torch's plain fp32 -> bf16 cast measured in the same process.
+
+Usage::
+
+    python benchmarks/bench_rounding.py [--n 16777216] [--threads 2] [--repeat 10]
+
+Prints a markdown table: median wall time of ``--repeat`` calls (after two warm-up calls), giga
+elements per second, and the ratio to the baseline ``buf.copy_(x)`` (fp32 -> bf16 cast into a
+preallocated buffer; timed first and again last, the faster median is the reference).  The targets of the compiled fp32 -> bf16 stochastic rounding (see
+``precision_lab/_native.py``) are checked at the end: at least 10x faster than torchao's
+``_fp32_to_bf16_sr`` (torch.randint + torch.where) and at most 4x the plain cast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+
+import precision_lab as pl
+from precision_lab import _native
+
+
+@contextlib.contextmanager
+def torch_path() -> Iterator[None]:
+    """Switch the compiled kernels off (the pure-torch fallback) inside the block."""
+    before = os.environ.get(_native.ENV_VAR)
+    os.environ[_native.ENV_VAR] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_native.ENV_VAR]
+        else:
+            os.environ[_native.ENV_VAR] = before
+
+
+def load_torchao_sr() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Import torchao's fp32 -> bf16 stochastic rounding (None if absent), silencing its load messages."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stderr(io.StringIO()),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            from torchao.optim.quant_utils import _fp32_to_bf16_sr
+    except Exception:  # noqa: BLE001 (any failure to import an optional baseline just drops its row)
+        return None
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+    return _fp32_to_bf16_sr
+
+
+def timeit(fn: Callable[[], object], repeat: int) -> float:
+    """Median seconds of ``repeat`` calls after two warm-up calls."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16 * 2**20, help="elements (default 16M)")
+    parser.add_argument("--threads", type=int, default=2, help="torch (and kernel) threads")
+    parser.add_argument("--repeat", type=int, default=10, help="timed calls per row (median)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    n = args.n
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-20, 20, (n,), generator=g).float())
+    x64 = x.double()
+    bf16 = torch.empty(n, dtype=torch.bfloat16)
+    fp16 = torch.empty(n, dtype=torch.float16)
+    fp8 = torch.empty(n, dtype=torch.float8_e4m3fn)
+    fp32 = torch.empty(n, dtype=torch.float32)
+    torchao_sr = load_torchao_sr()
+
+    def sr_native() -> None:
+        pl.round_stochastic(x, "bf16", generator=g, out=bf16)
+
+    def sr_torch() -> None:
+        with torch_path():
+            pl.round_stochastic(x, "bf16", generator=g, out=bf16)
+
+    rows: list[tuple[str, Callable[[], object]]] = [
+        ("`buf.copy_(x)` fp32 -> bf16 cast (baseline)", lambda: bf16.copy_(x)),
+        ("`round_stochastic(x, 'bf16', out=buf)` (compiled)", sr_native),
+        ("`round_stochastic(x, 'bf16', out=buf)` (torch fallback)", sr_torch),
+        (
+            "`torch.randint(0, 2**16, (n,), int32)` alone",
+            lambda: torch.randint(0, 1 << 16, (n,), dtype=torch.int32, generator=g),
+        ),
+    ]
+    if torchao_sr is not None:
+        rows.append(("torchao `_fp32_to_bf16_sr(x)`", lambda: torchao_sr(x)))
+    rows += [
+        ("`round_nearest(x, 'bf16', out=buf)`", lambda: pl.round_nearest(x, "bf16", out=bf16)),
+        ("`round_nearest(x, 'fp16', out=buf)`", lambda: pl.round_nearest(x, "fp16", out=fp16)),
+        ("`round_nearest(x, 'fp8_e5m2')` (fp32 out)", lambda: pl.round_nearest(x, "fp8_e5m2", out=fp32)),
+        ("`round_nearest(x, 'fp8_e4m3', out=buf)`", lambda: pl.round_nearest(x, "fp8_e4m3", out=fp8)),
+        ("`round_nearest(x, 'tf32')` (generic fp64 path)", lambda: pl.round_nearest(x, "tf32", out=fp32)),
+        (
+            "`round_stochastic(x64, 'bf16', out=buf)` (generic)",
+            lambda: pl.round_stochastic(x64, "bf16", generator=g, out=bf16),
+        ),
+        ("`round_toward_zero(x, 'bf16', out=buf)` (generic)", lambda: pl.round_toward_zero(x, "bf16", out=bf16)),
+    ]
+
+    print(f"# bench_rounding: n = {n:,}, threads = {args.threads}, median of {args.repeat} (2 warm-up)")
+    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {platform.processor() or platform.machine()}, "
+          f"compiled kernels: {'on' if _native.enabled() else 'OFF'}\n")  # fmt: skip
+    print("| case | ms | G elem/s | x baseline |")
+    print("| --- | ---: | ---: | ---: |")
+    times = {name: timeit(fn, args.repeat) for name, fn in rows}
+    # The baseline again, after everything else: the ratios use the faster of its two medians.
+    again = timeit(rows[0][1], args.repeat)
+    base = min(times[rows[0][0]], again)
+    for name, sec in [*times.items(), ("(baseline again, after the other rows)", again)]:
+        print(f"| {name} | {sec * 1e3:.2f} | {n / sec / 1e9:.2f} | {sec / base:.2f} |")
+
+    sr = times[rows[1][0]]
+    print("\nTargets (compiled fp32 -> bf16 stochastic rounding):")
+    if torchao_sr is not None:
+        speedup = times["torchao `_fp32_to_bf16_sr(x)`"] / sr
+        print(f"- >= 10x faster than torchao: {speedup:.1f}x -> {'met' if speedup >= 10 else 'NOT met'}")
+    else:
+        print("- >= 10x faster than torchao: torchao not importable, not measured")
+    print(f"- <= 4x the plain cast: {sr / base:.2f}x -> {'met' if sr / base <= 4 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
