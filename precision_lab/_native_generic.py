@@ -71,14 +71,11 @@ def enabled() -> bool:
     return _numba() is not None
 
 
-@functools.cache
 def _numba() -> ModuleType | None:
-    """The numba module, imported on first use (None when it is not installed)."""
-    try:
-        import numba
-    except ImportError:
-        return None
-    return numba
+    """The numba module, imported once on first use by :mod:`precision_lab._native` (None if missing)."""
+    from precision_lab import _native
+
+    return _native._numba()
 
 
 def _f64_bits(v: float) -> int:
