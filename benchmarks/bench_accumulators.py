@@ -17,15 +17,11 @@ addends), to separate the kernels from the bookkeeping ``Accumulator.add`` does 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import os
 import platform
-import statistics
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
+from _common import parse_args, timeit, torch_path
 
 import precision_lab as pl
 from precision_lab import _native
@@ -37,38 +33,8 @@ BF16 = get_format("bf16")
 TARGETS = {"naive": 1.5, "kahan": 3.0}
 
 
-@contextlib.contextmanager
-def torch_path() -> Iterator[None]:
-    """Switch the compiled kernels off (the pure-torch fallback) inside the block."""
-    before = os.environ.get(_native.ENV_VAR)
-    os.environ[_native.ENV_VAR] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[_native.ENV_VAR]
-        else:
-            os.environ[_native.ENV_VAR] = before
-
-
-def timeit(fn: Callable[[], object], repeat: int) -> float:
-    """Median seconds of ``repeat`` calls after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=16 * 2**20, help="buffer elements (default 16M)")
-    parser.add_argument("--threads", type=int, default=2, help="torch (and kernel) threads")
-    parser.add_argument("--repeat", type=int, default=10, help="timed adds per row (median)")
-    args = parser.parse_args()
+    args = parse_args(__doc__.splitlines()[0], repeat=10, n_help="buffer elements (default 16M)")
     torch.set_num_threads(args.threads)
     n = args.n
 
@@ -139,8 +105,8 @@ def main() -> None:
             print(f"- {strategy} <= {target}x, {what}: {ratio:.2f}x -> {'met' if ratio <= target else 'NOT met'}")
     print(
         "\n'step + kernel count' is the strategy step that Accumulator.add calls plus the compiled count of\n"
-        "non-finite addends; Accumulator.add itself counts them with torch (the 'alone' row), which on CPU\n"
-        "costs far more than the add."
+        "non-finite addends, which Accumulator.add uses for bf16 on CPU (the torch count, the 'alone' row,\n"
+        "costs far more than the add)."
     )
 
 

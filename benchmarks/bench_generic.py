@@ -19,14 +19,11 @@ equal ``_generic``'s on the benchmark data.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from _common import parse_args, timeit
 
 from precision_lab import _native_generic
 from precision_lab.formats import Format, get_format
@@ -41,17 +38,6 @@ CASES = [  # (label, target format, mode, input dtype)
 KEY = 0x2545F4914F6CDD1D  # a fixed stream key: the timed work does not depend on it
 
 
-def timeit(fn: Callable[[], object], repeat: int) -> float:
-    """Median seconds of ``repeat`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def make_input(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """Normal values spread over 2^-20 .. 2^20 (full-width mantissas in the input dtype)."""
     g = torch.Generator().manual_seed(seed)
@@ -60,11 +46,7 @@ def make_input(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=16 * 2**20, help="elements (default 16M)")
-    parser.add_argument("--threads", type=int, default=2, help="torch (and kernel) threads")
-    parser.add_argument("--repeat", type=int, default=7, help="timed calls per row (median)")
-    args = parser.parse_args()
+    args = parse_args(__doc__.splitlines()[0], repeat=7)
     if not _native_generic.enabled():
         raise SystemExit("the compiled kernels are off (numba missing or PRECISION_LAB_NATIVE=0)")
     torch.set_num_threads(args.threads)
@@ -91,9 +73,9 @@ def main() -> None:
         def native(x: torch.Tensor = x, out: torch.Tensor = out_native, f: Format = f, mode: str = mode) -> None:
             _native_generic.round_into(x, out, f, mode, saturate=False, key=KEY, random_bits=None)
 
-        base = timeit(copy, args.repeat)
-        t_torch = timeit(torch_path, min(args.repeat, 3))
-        t_native = timeit(native, args.repeat)
+        base = timeit(copy, args.repeat, warmup=1)
+        t_torch = timeit(torch_path, min(args.repeat, 3), warmup=1)
+        t_native = timeit(native, args.repeat, warmup=1)
         same = torch.equal(out_torch.view(torch.int64 if dtype == torch.float64 else torch.int32),
                            out_native.view(torch.int64 if dtype == torch.float64 else torch.int32))  # fmt: skip
         dt = str(dtype).removeprefix("torch.")

@@ -13,35 +13,18 @@ preallocated buffer; timed first and again last, the faster median is the refere
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import logging
-import os
 import platform
-import statistics
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
+from _common import parse_args, timeit, torch_path
 
 import precision_lab as pl
 from precision_lab import _native
-
-
-@contextlib.contextmanager
-def torch_path() -> Iterator[None]:
-    """Switch the compiled kernels off (the pure-torch fallback) inside the block."""
-    before = os.environ.get(_native.ENV_VAR)
-    os.environ[_native.ENV_VAR] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[_native.ENV_VAR]
-        else:
-            os.environ[_native.ENV_VAR] = before
 
 
 def load_torchao_sr() -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -66,24 +49,8 @@ def load_torchao_sr() -> Callable[[torch.Tensor], torch.Tensor] | None:
     return _fp32_to_bf16_sr
 
 
-def timeit(fn: Callable[[], object], repeat: int) -> float:
-    """Median seconds of ``repeat`` calls after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=16 * 2**20, help="elements (default 16M)")
-    parser.add_argument("--threads", type=int, default=2, help="torch (and kernel) threads")
-    parser.add_argument("--repeat", type=int, default=10, help="timed calls per row (median)")
-    args = parser.parse_args()
+    args = parse_args(__doc__.splitlines()[0], repeat=10)
     torch.set_num_threads(args.threads)
     n = args.n
 

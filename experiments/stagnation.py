@@ -107,6 +107,12 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
     return out / "results.csv"
 
 
+def _trial_mean(rows: list[dict[str, str]], n: int, column: str) -> float:
+    """Mean of ``column`` over the trials recorded at accumulation count ``n``."""
+    vals = [float(r[column]) for r in rows if int(r["n_accum"]) == n]
+    return sum(vals) / len(vals)
+
+
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     """Error and lost-update fraction vs N from stored results (no recomputation)."""
     import matplotlib
@@ -126,10 +132,8 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
             for strategy in strategies:
                 sel = [r for r in rows if (r["stream"], r["buffer_format"], r["strategy"]) == (stream, fmt, strategy)]
                 ns = sorted({int(r["n_accum"]) for r in sel})
-                err = [sum(float(r["rel_l2_error"]) for r in sel if int(r["n_accum"]) == n)
-                       / sum(1 for r in sel if int(r["n_accum"]) == n) for n in ns]  # fmt: skip
-                lost = [sum(float(r["lost_update_fraction"]) for r in sel if int(r["n_accum"]) == n)
-                        / sum(1 for r in sel if int(r["n_accum"]) == n) for n in ns]  # fmt: skip
+                err = [_trial_mean(sel, n, "rel_l2_error") for n in ns]
+                lost = [_trial_mean(sel, n, "lost_update_fraction") for n in ns]
                 kw = {"color": colors[strategy], "linestyle": styles[fmt], "linewidth": 1.2}
                 axes[0, j].loglog(ns, [max(e, 1e-12) for e in err], label=f"{fmt} {strategy}", **kw)
                 axes[1, j].semilogx(ns, lost, **kw)

@@ -46,11 +46,16 @@ STRATEGIES: tuple[str, ...] = ("naive", "kahan", "stochastic", "pairwise", "exac
 _NATIVE_ARITH = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
+def _fp32_is_wide_enough(f: Format) -> bool:
+    """fp32 holds 2p + 2 bits of f and its whole range (p <= 11: fp8, tf32, small customs)."""
+    return 2 * f.precision + 2 <= 24 and f.emax <= 127 and f.quantum_exponent_min >= -149
+
+
 def work_dtype(f: Format) -> torch.dtype:
     """Dtype in which one op of format ``f`` is computed before rounding (see module docstring)."""
     if f.torch_dtype in _NATIVE_ARITH:
         return f.torch_dtype
-    if 2 * f.precision + 1 <= 24 and f.emax <= 127 and f.quantum_exponent_min >= -149:
+    if _fp32_is_wide_enough(f):
         return torch.float32
     if 2 * f.precision + 1 <= 53 and f.quantum_exponent_min >= -1074:
         return torch.float64
@@ -123,27 +128,16 @@ def stochastic_step(s: torch.Tensor, t: torch.Tensor, f: Format, key: int, count
     if s.device.type == "cpu" and s.dtype == torch.bfloat16 and _native.enabled():
         return _native.sr_add_bf16(s, t, key, count_lost)
     old = s.clone() if count_lost else None
-    if f.precision <= 11 and f.emax <= 127 and f.quantum_exponent_min >= -149:
-        # fp32 (24 >= 2p + 2 bits) holds s + t to enough bits; the bf16 case uses the fast SR path.
-        wide = s.float() + t.float()
-        new = _sr_from_fp32(wide, f, key)
+    if _fp32_is_wide_enough(f):
+        wide = s.float() + t.float()  # 24 >= 2p + 2 bits; bf16 takes the fast SR path
+        new = _finish_sr_bf16(wide, key, 16, None) if f.name == "bf16" else _round_any(wide, f, "stochastic", key=key)
     elif f.precision <= 26:
-        new = _sr_from_fp64(s.double() + t.double(), f, key)
+        new = _round_any(s.double() + t.double(), f, "stochastic", key=key)
     else:  # fp64 buffer: s + t = hi + lo exactly, then round the pair stochastically
         hi, lo = _two_sum(s, t)
         new = _sr_pair(hi, lo, key)
     s.copy_(new)
     return _changed_count(s, old, t) if count_lost else 0
-
-
-def _sr_from_fp32(wide: torch.Tensor, f: Format, key: int) -> torch.Tensor:
-    if f.name == "bf16":
-        return _finish_sr_bf16(wide, key, 16, None)
-    return _round_any(wide, f, "stochastic", key=key)
-
-
-def _sr_from_fp64(wide: torch.Tensor, f: Format, key: int) -> torch.Tensor:
-    return _round_any(wide, f, "stochastic", key=key)
 
 
 def _sr_pair(hi: torch.Tensor, lo: torch.Tensor, key: int) -> torch.Tensor:
@@ -281,7 +275,7 @@ class Accumulator:
     @property
     def arrays(self) -> int:
         """Number of format-sized arrays the strategy keeps (pairwise: slots in use at most)."""
-        if self.strategy in ("kahan",):
+        if self.strategy == "kahan":
             return 2
         if self.strategy == "pairwise":
             return max(1, len(self._slots))

@@ -73,7 +73,9 @@ def _git_commit() -> str | None:
                              cwd=Path(__file__).resolve().parent, check=False)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def environment(device: str = "cpu") -> dict[str, Any]:

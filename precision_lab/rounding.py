@@ -228,7 +228,7 @@ def round_nearest(x: torch.Tensor, fmt: str | Format, *, saturate: bool = False,
         A tensor of x's dtype (or ``out``) holding values representable in ``fmt``.
     """
     f = _check(x, fmt, out)
-    if f.name in ("fp64", "fp32") and f.precision >= _precision(x.dtype) and f.emax >= _emax(x.dtype) and not saturate:
+    if get_format(x.dtype).fits_in(f) and not saturate:
         return _finish(x.clone() if out is None else x, x, out)  # every x is representable
     w = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # exact widening
     if w.dtype == torch.float32 and f.name in _NATIVE_RN_FROM_FP32 and (not saturate or f.name == "fp8_e4m3"):
@@ -287,8 +287,7 @@ def round_stochastic(x: torch.Tensor, fmt: str | Format, *, generator: torch.Gen
     key = _random.derive_key(generator)
     if x.dtype == torch.float32 and f.name == "bf16" and not saturate and (random_bits is None or random_bits <= 16):
         return _finish_sr_bf16(x, key, 16 if random_bits is None else random_bits, out)
-    if (f.precision >= _precision(x.dtype) and f.emax >= _emax(x.dtype)
-            and f.min_positive <= _min_positive(x.dtype) and not saturate):  # fmt: skip
+    if get_format(x.dtype).fits_in(f) and not saturate:
         return _finish(x.clone() if out is None else x, x, out)
     w = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # exact widening
     return _finish(_round_any(w, f, "stochastic", saturate=saturate, key=key, random_bits=random_bits), x, out)
@@ -331,26 +330,3 @@ def _finish_sr_bf16(x: torch.Tensor, key: int, random_bits: int, out: torch.Tens
         _native.sr_bf16(xc, res, key, random_bits)
         return _finish(res, x, out)
     return _finish(_sr_bf16_torch(x.contiguous(), key, random_bits), x, out)
-
-
-# --------------------------------------------------------------------------------------------------
-# dtype facts used for identity shortcuts
-# --------------------------------------------------------------------------------------------------
-_DTYPE_FACTS = {  # precision t, emax, smallest positive (subnormal) of the input dtypes
-    torch.float16: (11, 15, 2.0**-24),
-    torch.bfloat16: (8, 127, 2.0**-133),
-    torch.float32: (24, 127, 2.0**-149),
-    torch.float64: (53, 1023, 2.0**-1074),
-}
-
-
-def _precision(dtype: torch.dtype) -> int:
-    return _DTYPE_FACTS[dtype][0]
-
-
-def _emax(dtype: torch.dtype) -> int:
-    return _DTYPE_FACTS[dtype][1]
-
-
-def _min_positive(dtype: torch.dtype) -> float:
-    return _DTYPE_FACTS[dtype][2]
