@@ -1,8 +1,10 @@
 """Experiments: one readable module per experiment, registered by name for the CLI.
 
 Each module defines ``NAME``, a ``Config`` dataclass (with a ``quick()`` classmethod), ``run(config,
-out_dir, *, seed, device)`` that writes ``results.csv`` + ``metadata.json``, and ``plot(out_dir,
-fig_dir)`` that only reads stored results.
+out_dir, *, seed, device, shard, progress)`` that computes its grid through
+:func:`precision_lab.sweep.run_tasks` (resumable, shardable) and returns ``results.csv`` once the
+grid is complete (None while shards remain), and ``plot(out_dir, fig_dir)`` that only reads stored
+results.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ __all__ = ["REGISTRY", "get_experiment"]
 
 # name -> module; the issue tracker adds summation, model-gradients, underflow, ... as they land.
 REGISTRY: dict[str, str] = {
+    "model-gradients": "experiments.model_gradients",
     "stagnation": "experiments.stagnation",
 }
 

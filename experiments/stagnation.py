@@ -14,16 +14,14 @@ only reads them.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from precision_lab import STRATEGIES, Accumulator, get_format, metrics, theory
-from precision_lab.results import read_csv, write_csv, write_metadata
+from precision_lab.results import read_csv
+from precision_lab.sweep import power_grid, run_tasks
 
 NAME = "stagnation"
 COLUMNS = ("experiment", "stream", "buffer_format", "strategy", "n_accum", "elements", "trial", "seed",
@@ -66,15 +64,16 @@ def _stream(kind: str, elements: int, generator: torch.Generator) -> tuple[torch
     raise ValueError(f"unknown stream {kind!r}; known: constant, positive, low_snr")
 
 
-def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu") -> Path:
-    """Run the sweep and write ``out_dir/results.csv`` and ``out_dir/metadata.json``."""
-    out = Path(out_dir)
-    started = datetime.now(timezone.utc)
-    record = {2**k for k in range(int(math.log2(config.n_max)) + 1)} | {config.n_max}
-    rows = []
-    jobs = [(s, f, t) for s in config.streams for f in config.formats for t in range(config.trials)]
-    for stream, fmt_name, trial in tqdm(jobs, desc=NAME, unit="cfg"):
-        fmt = get_format(fmt_name)
+def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu",
+        shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
+    """Run (or resume) the sweep; returns ``results.csv`` once the whole grid is done."""
+    record = set(power_grid(config.n_max))
+    tasks = [{"stream": s, "buffer_format": f, "trial": t}
+             for s in config.streams for f in config.formats for t in range(config.trials)]  # fmt: skip
+
+    def work(task: dict) -> list[dict]:
+        stream, trial = task["stream"], task["trial"]
+        fmt = get_format(task["buffer_format"])
         trial_seed = seed * 1_000_003 + trial  # one seed per trial: data and stochastic rounding
         gen = torch.Generator().manual_seed(trial_seed)
         mean, spread = _stream(stream, config.elements, gen)
@@ -84,6 +83,7 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
         # The reference: the exact sum of the same format-rounded addends (input quantisation is
         # common to all strategies, so the error measured is accumulation rounding alone).
         exact = Accumulator("exact", fmt, (config.elements,), device=device)
+        rows = []
         for n in range(1, config.n_max + 1):
             g = (mean + spread * torch.randn(config.elements, generator=gen, dtype=torch.float64)).to(device)
             exact.add(g)
@@ -100,11 +100,11 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
                              "strategy": strategy, "n_accum": n, "elements": config.elements,
                              "trial": trial, "seed": trial_seed, "predicted_stall": stall,
                              **{k: m[k] for k in COLUMNS if k in m}})  # fmt: skip
-    rows.sort(key=lambda r: (r["stream"], r["buffer_format"], r["strategy"], r["trial"], r["n_accum"]))
-    write_csv(out / "results.csv", rows, COLUMNS)
-    write_metadata(out / "metadata.json", config=dataclasses.asdict(config), seed=seed, device=device,
-                   started=started)  # fmt: skip
-    return out / "results.csv"
+        rows.sort(key=lambda r: (r["strategy"], r["n_accum"]))
+        return rows
+
+    return run_tasks(NAME, out_dir, tasks, work, columns=COLUMNS, config=dataclasses.asdict(config), seed=seed,
+                     device=device, shard=shard, progress=progress)  # fmt: skip
 
 
 def _trial_mean(rows: list[dict[str, str]], n: int, column: str) -> float:

@@ -353,6 +353,32 @@ class Accumulator:
             return self._s + self._c
         return self._s.to(torch.float64, copy=True)
 
+    def scaled_value(self, factor: float) -> torch.Tensor:
+        """The value after ``buffer *= factor`` in the buffer format (``p.grad.div_(N)``), as float64.
+
+        Each stored number is multiplied by ``factor`` and rounded to the format (RN): naive,
+        stochastic and pairwise scale their read-out, kahan scales ``s`` and ``c`` separately,
+        exact scales both fp64 halves.  The product is formed in fp64 and rounded once more to the
+        format; for formats of at most 26 bits that double rounding is innocuous (53 >= 2p + 1).
+        A power-of-two factor is exact unless the result underflows or overflows, which is the point:
+        ``post`` scaling in fp16 can lose small sums to underflow just as ``pre`` scaling can.
+        The buffer itself is not changed.
+        """
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor)):
+            raise ValueError(f"factor must be a finite number, got {factor!r}")
+        if factor == 1:
+            return self.value()
+
+        def scale(x: torch.Tensor) -> torch.Tensor:
+            y = x.to(torch.float64) * factor
+            return y if self.strategy == "exact" else round_nearest(y, self.format)
+
+        if self.strategy == "kahan":
+            return scale(self._s) - scale(self._c)
+        if self.strategy == "exact":
+            return scale(self._s) + scale(self._c)
+        return scale(self.value())
+
     def raw_sum(self) -> torch.Tensor:
         """The running sum ``s`` alone (no compensation, no cascade merge), as float64."""
         if self.strategy == "pairwise":

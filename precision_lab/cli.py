@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="results", help="results folder (default: results/)")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--shard", default=None, metavar="I/K",
+                   help="compute only the I-th of K interleaved parts of the grid; the run that finds every "
+                   "part done writes results.csv")  # fmt: skip
     pl = sub.add_parser("plot", help="rebuild an experiment's figures from stored results")
     pl.add_argument("experiment")
     pl.add_argument("--out", default="results")
@@ -42,13 +45,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(name: str, *, quick: bool, out: Path, device: str, seed: int) -> None:
+def _run(name: str, *, quick: bool, out: Path, device: str, seed: int, shard: str | None = None) -> bool:
     from experiments import get_experiment
+    from precision_lab.sweep import parse_shard
 
     exp = get_experiment(name)
+    part = parse_shard(shard)
     config = exp.Config.quick() if quick else exp.Config()
-    path = exp.run(config, out / name, seed=seed, device=device)
+    path = exp.run(config, out / name, seed=seed, device=device, shard=part)
+    if path is None:
+        print(f"{name}: shard {shard} done; results.csv is written by the run that finds every shard finished "
+              f"(run again without --shard to merge)")  # fmt: skip
+        return False
     print(f"{name}: results in {path}")
+    return True
 
 
 def _plot(name: str, out: Path) -> None:
@@ -70,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in sorted(REGISTRY):
                 print(name)
         elif args.command == "run":
-            _run(args.experiment, quick=args.quick, out=Path(args.out), device=args.device, seed=args.seed)
+            _run(args.experiment, quick=args.quick, out=Path(args.out), device=args.device, seed=args.seed,
+                 shard=args.shard)  # fmt: skip
         elif args.command == "plot":
             _plot(args.experiment, Path(args.out))
         else:

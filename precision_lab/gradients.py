@@ -1,0 +1,188 @@
+"""Micro-batch gradients of any ``nn.Module`` and the fp64 large-batch reference.
+
+A batch of E samples is split into N contiguous micro-batches of E/N samples.  For micro-batch i
+the engine computes ``g_i``, the gradient of the micro-batch's mean loss (optionally divided by N
+and multiplied by a static loss scale *before* backward, in the compute precision, as a training
+loop does), flattened over the parameters in ``named_parameters()`` order.  The truth is the
+gradient of the whole batch's mean loss, computed once in fp64 by a float64 copy of the model.
+
+Compute precisions (:data:`COMPUTE_FORMATS`), so that input quantisation (the micro-gradient itself
+is inexact) and accumulation rounding (the buffer's adds) can be measured apart:
+
+=================  ===============================================================================
+``fp64``           a float64 copy of the model and inputs: micro-gradients carry only fp64 rounding
+``fp32``           the model as given (float32)
+``bf16_autocast``  fp32 parameters, forward under ``torch.autocast(dtype=bfloat16)``: fp32 gradients
+                   computed from bf16 activations (mixed precision as most users run it)
+``bf16``           pure bf16: parameters, activations, loss and gradients in bf16
+``fp16``           pure fp16, with an optional static loss scale S (``loss * S`` before backward;
+                   the caller divides the accumulated sum by S once, as ``GradScaler`` does)
+=================  ===============================================================================
+
+Two paths give the micro-gradients: ``vmap`` (``torch.func.vmap`` of ``torch.func.grad`` over a
+chunk of micro-batches; the chunk size bounds memory) and ``loop`` (``torch.func.grad`` once per
+micro-batch, which is bit-identical to ``loss.backward()``).  For the workloads in
+:mod:`precision_lab.workloads`, whose layers avoid fused ``addmm`` and use explicit attention, the two
+paths are bit-identical (tested).  For an arbitrary user model they need not be: vmap turns each
+matrix product into a batched one, and the CPU BLAS may choose a different kernel (and summation
+order) for a different row count.  The chunk size is therefore a fixed number from the caller's
+config, never chosen from free memory, so the same command gives the same bytes on any machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+__all__ = ["COMPUTE_FORMATS", "METHODS", "GradientEngine", "flat_parameters", "reference_gradient", "split"]
+
+COMPUTE_FORMATS: tuple[str, ...] = ("fp64", "fp32", "bf16_autocast", "bf16", "fp16")
+METHODS: tuple[str, ...] = ("vmap", "loop")
+_PARAM_DTYPE = {
+    "fp64": torch.float64,
+    "fp32": torch.float32,
+    "bf16_autocast": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check_compute(compute: str) -> str:
+    if compute not in COMPUTE_FORMATS:
+        raise ValueError(f"unknown compute format {compute!r}; known: {', '.join(COMPUTE_FORMATS)}")
+    return compute
+
+
+def split(n_items: int, n_micro: int) -> int:
+    """Micro-batch size of ``n_items`` samples split into ``n_micro`` equal parts (ValueError otherwise)."""
+    if isinstance(n_micro, bool) or not isinstance(n_micro, int) or n_micro < 1:
+        raise ValueError(f"the accumulation count N must be an integer >= 1, got {n_micro!r}")
+    if n_items % n_micro:
+        raise ValueError(f"a batch of {n_items} samples does not split into N={n_micro} equal micro-batches")
+    return n_items // n_micro
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    """All parameters of ``model`` flattened in ``named_parameters()`` order (a copy)."""
+    return torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+
+
+def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype) if x.is_floating_point() else x  # token ids stay integers
+
+
+class GradientEngine:
+    """Micro-batch gradients of one model in one compute precision.
+
+    Args:
+        model: Any ``nn.Module``; it is copied (``copy.deepcopy``) and cast to the compute
+            precision, the original is left alone.  Buffers are passed to ``functional_call``
+            unchanged: a module that writes its buffers in forward (BatchNorm with running stats)
+            cannot be vmapped; use ``track_running_stats=False``.
+        loss_fn: ``loss_fn(output, targets)`` -> the mean loss of a micro-batch.
+        compute: One of :data:`COMPUTE_FORMATS`.
+        method: ``"vmap"`` or ``"loop"`` (see the module docstring).
+        chunk_size: Micro-batches per vmap call (bounds memory; part of the config, so results
+            never depend on the machine).  Ignored by ``loop``.
+        device: Where to compute.
+
+    Example::
+
+        eng = GradientEngine(model, F.cross_entropy, "bf16")
+        for g in eng.micro_gradients(x, y, n_micro=16, divide_by=16):  # chunks of (k, P)
+            ...
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, compute: str = "fp32", *, method: str = "vmap",
+                 chunk_size: int = 64, device: str | torch.device = "cpu") -> None:  # fmt: skip
+        self.compute = _check_compute(compute)
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use 'cpu'")
+        self.method = method
+        self.chunk_size = chunk_size
+        self.dtype = _PARAM_DTYPE[compute]
+        self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+        self.params = {k: v.detach() for k, v in self.model.named_parameters()}
+        self.buffers = {k: v.detach() for k, v in self.model.named_buffers()}
+        self.shapes = [(k, v.shape, v.numel()) for k, v in self.params.items()]
+        self.num_params = sum(n for _, _, n in self.shapes)
+        self.loss_fn = loss_fn
+
+    # -- the scalar function whose gradient is taken ---------------------------------------------
+    def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, divide_by: int,
+              loss_scale: float) -> torch.Tensor:  # fmt: skip
+        if self.compute == "bf16_autocast":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                out = functional_call(self.model, (params, self.buffers), (x,))
+            loss = self.loss_fn(out.float(), y)
+        else:
+            loss = self.loss_fn(functional_call(self.model, (params, self.buffers), (x,)), y)
+        if divide_by != 1:
+            loss = loss / divide_by  # "loss / N" before backward, in the compute precision
+        if loss_scale != 1.0:
+            loss = loss * loss_scale  # static loss scale (fp16): the caller divides the sum by it
+        return loss
+
+    def _flatten(self, grads: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
+        return torch.cat([grads[k].reshape(lead, n) for k, _, n in self.shapes], dim=1)
+
+    def micro_gradients(self, inputs: torch.Tensor, targets: torch.Tensor, n_micro: int, *, divide_by: int = 1,
+                        loss_scale: float = 1.0) -> Iterator[torch.Tensor]:  # fmt: skip
+        """Yield the N micro-gradients, in order, as chunks of shape ``(k, num_params)``.
+
+        The chunks are in the compute precision's gradient dtype (fp64, fp32, fp32, bf16, fp16).
+
+        Args:
+            inputs: All E samples; split into ``n_micro`` contiguous micro-batches of E/N.
+            targets: Their targets (first dimension E).
+            n_micro: The accumulation count N (E must be divisible by it).
+            divide_by: Divide each micro-batch's loss by this before backward (``N`` for the
+                ``pre`` scaling placement, 1 for ``post``).
+            loss_scale: Multiply the loss by this before backward (a static fp16 loss scale).
+
+        Raises:
+            ValueError: N < 1, E not divisible by N, mismatched input and target counts, or a
+                non-positive or non-finite ``divide_by``/``loss_scale``.
+        """
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(f"inputs hold {inputs.shape[0]} samples but targets {targets.shape[0]}")
+        b = split(inputs.shape[0], n_micro)
+        for name, v in (("divide_by", divide_by), ("loss_scale", loss_scale)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        x = _cast_input(inputs, self.dtype).to(self.device).reshape(n_micro, b, *inputs.shape[1:])
+        y = targets.to(self.device).reshape(n_micro, b, *targets.shape[1:])
+        g = grad(self._loss)
+        if self.method == "loop":
+            for i in range(n_micro):
+                yield self._flatten(g(self.params, x[i], y[i], divide_by, loss_scale), 1)
+            return
+        batched = vmap(g, in_dims=(None, 0, 0, None, None))
+        for lo in range(0, n_micro, self.chunk_size):
+            hi = min(lo + self.chunk_size, n_micro)
+            yield self._flatten(batched(self.params, x[lo:hi], y[lo:hi], divide_by, loss_scale), hi - lo)
+
+
+def reference_gradient(model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, *,
+                       device: str | torch.device = "cpu") -> torch.Tensor:  # fmt: skip
+    """The gradient of the whole batch's mean loss, in one fp64 pass, flattened (float64).
+
+    One pass over all E samples, not a sum of chunks: a model whose output depends on the batch
+    composition (BatchNorm in train mode) has a large-batch gradient that no sum of micro-batch
+    gradients equals, and that difference is part of what is measured.
+    """
+    eng = GradientEngine(model, loss_fn, "fp64", method="loop", device=device)
+    (g,) = eng.micro_gradients(inputs, targets, 1)
+    return g[0]
