@@ -114,6 +114,8 @@ class GradientEngine:
         self.chunk_size = chunk_size
         self.dtype = _PARAM_DTYPE[compute]
         self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+        # the truth is always the given model in fp64 (not this precision's rounded weights)
+        self.reference_model = copy.deepcopy(model).to(device=self.device, dtype=torch.float64)
         self.params = {k: v.detach() for k, v in self.model.named_parameters()}
         self.buffers = {k: v.detach() for k, v in self.model.named_buffers()}
         self.shapes = [(k, v.shape, v.numel()) for k, v in self.params.items()]
@@ -134,6 +136,10 @@ class GradientEngine:
         if loss_scale != 1.0:
             loss = loss * loss_scale  # static loss scale (fp16): the caller divides the sum by it
         return loss
+
+    def reference(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The fp64 gradient of the *given* model (unrounded weights) on the whole batch."""
+        return reference_gradient(self.reference_model, self.loss_fn, inputs, targets, device=self.device)
 
     def _flatten(self, grads: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
         return torch.cat([grads[k].reshape(lead, n) for k, _, n in self.shapes], dim=1)

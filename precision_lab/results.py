@@ -13,6 +13,7 @@ import io
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,14 +24,30 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_text", "environment", "read_csv", "write_csv", "write_metadata"]
+__all__ = [
+    "atomic_write_text",
+    "environment",
+    "read_csv",
+    "remove_stale_temporaries",
+    "write_csv",
+    "write_metadata",
+]
+
+
+def _tmp_prefix(name: str) -> str:
+    host = socket.gethostname().replace(".", "_")
+    return f".{name}.{host}.{os.getpid()}."
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    """Write ``text`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
+
+    The temporary file is named ``.NAME.HOST.PID.*.tmp``, so that :func:`remove_stale_temporaries`
+    can tell a write killed mid-way (dead process) from one in progress (live process).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
@@ -40,6 +57,35 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete temporary files left in ``folder`` by killed writers on this host; returns how many.
+
+    Temporaries of live processes and of other hosts (a shared file system) are left alone.
+    """
+    host = socket.gethostname().replace(".", "_")
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        parts = tmp.name.split(".")  # "", name..., host, pid, random, "tmp"
+        try:
+            pid = int(parts[-3])
+        except (IndexError, ValueError):
+            continue
+        if parts[-4] == host and not _alive(pid):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _cell(v: Any) -> str:

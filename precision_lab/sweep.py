@@ -35,8 +35,8 @@ from tqdm import tqdm
 from precision_lab import metrics
 from precision_lab.accumulators import Accumulator
 from precision_lab.formats import get_format
-from precision_lab.gradients import GradientEngine, reference_gradient, split
-from precision_lab.results import atomic_write_text, environment, write_csv, write_metadata
+from precision_lab.gradients import GradientEngine, split
+from precision_lab.results import atomic_write_text, environment, remove_stale_temporaries, write_csv, write_metadata
 from precision_lab.rounding import round_nearest
 
 __all__ = [
@@ -176,8 +176,7 @@ def fixed_micro(engine: GradientEngine, inputs: torch.Tensor, targets: torch.Ten
 
     def reference(n: int) -> torch.Tensor:
         if n not in refs:
-            refs[n] = reference_gradient(engine.model, engine.loss_fn, inputs[: n * micro_batch],
-                                         targets[: n * micro_batch], device=engine.device)  # fmt: skip
+            refs[n] = engine.reference(inputs[: n * micro_batch], targets[: n * micro_batch])
         return refs[n]
 
     if _check_scaling(scaling) == "post":
@@ -305,6 +304,8 @@ def run_tasks(experiment: str, out_dir: str | Path, tasks: Sequence[Mapping[str,
     out = Path(out_dir)
     parts = out / ".parts" / _fingerprint(experiment, config, seed, device, columns)
     parts.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(parts)  # half-written parts of a killed run (never a finished one)
+    remove_stale_temporaries(out)
     started_file = parts / "started"
     if not started_file.exists():
         atomic_write_text(started_file, datetime.now(timezone.utc).isoformat() + "\n")
