@@ -23,14 +23,24 @@ Two paths give the micro-gradients: ``vmap`` (``torch.func.vmap`` of ``torch.fun
 chunk of micro-batches; the chunk size bounds memory) and ``loop`` (``torch.func.grad`` once per
 micro-batch, which is bit-identical to ``loss.backward()``).  For the workloads in
 :mod:`precision_lab.workloads`, whose layers avoid fused ``addmm`` and use explicit attention, the two
-paths are bit-identical (tested).  For an arbitrary user model they need not be: vmap turns each
-matrix product into a batched one, and the CPU BLAS may choose a different kernel (and summation
-order) for a different row count.  The chunk size is therefore a fixed number from the caller's
-config, never chosen from free memory, so the same command gives the same bytes on any machine.
+paths are bit-identical (tested) when the gradients are computed with one intra-op thread, which is
+the engine's default (``threads=1``).  With more threads the loop's matrix products split their
+reductions across threads and sum in another order than vmap's per-micro-batch GEMMs: on this CPU
+(MKL/oneDNN, 2 threads) the fp32 weight gradient of the 10-wide classifier head of the MLP and CNN
+differs in ~10% of entries by up to ~1 fp32 eps x max|g|, and 1-8 entries of the bf16 transformer
+at micro-batch 32 by 1-8 ulp.  One thread also makes the bytes independent of the machine's core
+count; parallelism comes from running shards in separate processes (``--shard I/K``).
+
+For an arbitrary user model vmap and loop need not agree even with one thread: vmap turns each
+matrix product into a batched one, and stock layers (``nn.Linear``'s fused addmm, ``nn.Conv2d``,
+affine norms) take other kernels for other shapes.  The chunk size is therefore a fixed number
+from the caller's config, never chosen from free memory, so the same command gives the same bytes
+on any machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator
@@ -74,6 +84,19 @@ def flat_parameters(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
 
 
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (None: leave the setting alone)."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype) if x.is_floating_point() else x  # token ids stay integers
 
@@ -92,6 +115,10 @@ class GradientEngine:
         chunk_size: Micro-batches per vmap call (bounds memory; part of the config, so results
             never depend on the machine).  Ignored by ``loop``.
         device: Where to compute.
+        threads: Intra-op threads while computing gradients (restored between chunks, so the
+            caller's own work keeps its threads).  1, the default, makes vmap and loop bit-identical
+            for the built-in workloads and the bytes independent of the core count; None uses
+            torch's current setting (faster, last-bit differences in some shapes, see above).
 
     Example::
 
@@ -101,7 +128,7 @@ class GradientEngine:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, compute: str = "fp32", *, method: str = "vmap",
-                 chunk_size: int = 64, device: str | torch.device = "cpu") -> None:  # fmt: skip
+                 chunk_size: int = 64, device: str | torch.device = "cpu", threads: int | None = 1) -> None:  # fmt: skip
         self.compute = _check_compute(compute)
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -110,8 +137,11 @@ class GradientEngine:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use 'cpu'")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
         self.method = method
         self.chunk_size = chunk_size
+        self.threads = threads
         self.dtype = _PARAM_DTYPE[compute]
         self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
         # the truth is always the given model in fp64 (not this precision's rounded weights)
@@ -173,12 +203,19 @@ class GradientEngine:
         g = grad(self._loss)
         if self.method == "loop":
             for i in range(n_micro):
-                yield self._flatten(g(self.params, x[i], y[i], divide_by, loss_scale), 1)
+                with _intra_op_threads(self.threads):  # set per step: never leaks across a yield
+                    out = self._flatten(g(self.params, x[i], y[i], divide_by, loss_scale), 1)
+                yield out
             return
         batched = vmap(g, in_dims=(None, 0, 0, None, None))
         for lo in range(0, n_micro, self.chunk_size):
             hi = min(lo + self.chunk_size, n_micro)
-            yield self._flatten(batched(self.params, x[lo:hi], y[lo:hi], divide_by, loss_scale), hi - lo)
+            with _intra_op_threads(self.threads):
+                if hi - lo == 1:  # vmap over one micro-batch takes other kernels than over several
+                    out = self._flatten(g(self.params, x[lo], y[lo], divide_by, loss_scale), 1)
+                else:
+                    out = self._flatten(batched(self.params, x[lo:hi], y[lo:hi], divide_by, loss_scale), hi - lo)
+            yield out
 
 
 def reference_gradient(model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, *,
