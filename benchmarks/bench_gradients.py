@@ -7,7 +7,8 @@ Usage::
 Table 1: micro-gradients per second of :class:`~precision_lab.gradients.GradientEngine` for the
 MLP (digits) and the character transformer, fp32 and pure bf16, micro-batch sizes 1, 8 and 32,
 ``loop`` (the baseline: one ``torch.func.grad`` per micro-batch, what a training loop does) against
-``vmap`` (chunks of 64 micro-batches), with the speed-up.
+``vmap`` (chunks of at most 64 micro-batches and 256 samples), with the speed-up.  Both compute
+with one intra-op thread (the engine's default, which makes them bit-identical).
 
 Table 2: the cost of an error-vs-N curve at a fixed micro-batch (regime ``fixed_micro``, ``post``
 scaling, 4 buffers: fp32 naive, bf16 naive/kahan/stochastic) recording every power of two up to
@@ -74,6 +75,7 @@ def curve_cost(args: argparse.Namespace) -> None:
                 micro: int = micro) -> None:  # fmt: skip
             fixed_micro(eng, x, y, micro, record, BUFFERS, scaling="post", seed=0)
 
+        run([2])  # warm-up: first-call costs (kernel compilation, allocator) stay out of the timings
         t0 = time.perf_counter()
         run([args.n_max])
         one = time.perf_counter() - t0

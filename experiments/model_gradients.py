@@ -14,6 +14,7 @@ The ``quantisation_floor`` column is the error of the fp64 truth rounded once to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from precision_lab import metrics
 from precision_lab.gradients import GradientEngine, reference_gradient
 from precision_lab.results import read_csv
 from precision_lab.sweep import fixed_effective, power_grid, run_tasks, stable_seed
-from precision_lab.workloads import make_workload
+from precision_lab.workloads import ModelWorkload, make_workload
 
 NAME = "model-gradients"
 COLUMNS = ("experiment", "workload", "regime", "compute_format", "buffer_format", "strategy", "scaling",
@@ -47,7 +48,8 @@ class Config:
     fp16_loss_scale: float = 1.0  # static loss scale for fp16 compute (1 = none)
     trials: int = 3  # independent batches (and stochastic-rounding seeds)
     method: str = "vmap"  # micro-gradients by "vmap" or "loop" (bit-identical for these workloads)
-    chunk_size: int = 64  # micro-batches per vmap call (memory bound; fixed, so bytes never vary)
+    chunk_size: int = 64  # most micro-batches per vmap call (fixed, so the bytes never vary)
+    chunk_samples: int = 256  # most samples per vmap call (bounds memory for large micro-batches)
     warmup_steps: int | None = None  # fp32 Adam steps before measuring (None: workload default)
 
     @classmethod
@@ -72,29 +74,37 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
         shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
     """Run (or resume) the sweep; returns ``results.csv`` once the whole grid is done."""
     batch = dict(zip(config.workloads, config.effective_batch, strict=True))
-    cache: dict[tuple, Any] = {}
 
-    def cached(key: tuple, make: Any) -> Any:
-        if key not in cache:
-            cache[key] = make()
-        return cache[key]
+    @functools.cache
+    def workload(w: str) -> ModelWorkload:
+        return make_workload(w, seed=seed, size=config.size, warmup_steps=config.warmup_steps)
+
+    @functools.cache
+    def data(w: str, trial: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The trial's batch (the same for every N and precision) and its fp64 gradient."""
+        wl = workload(w)
+        x, y = wl.sample(batch[w], torch.Generator().manual_seed(stable_seed(seed, w, trial, "data")))
+        return x, y, reference_gradient(wl.model, wl.loss_fn, x, y, device=device)
+
+    @functools.cache
+    def engine(w: str, compute: str) -> GradientEngine:
+        wl = workload(w)
+        return GradientEngine(wl.model, wl.loss_fn, compute, method=config.method, chunk_size=config.chunk_size,
+                              chunk_samples=config.chunk_samples, device=device)  # fmt: skip
 
     def work(task: dict[str, Any]) -> list[dict[str, Any]]:
         w, compute, n, trial = task["workload"], task["compute_format"], task["n_accum"], task["trial"]
-        wl = cached(("wl", w), lambda: make_workload(w, seed=seed, size=config.size, warmup_steps=config.warmup_steps))
-        data_seed = stable_seed(seed, w, trial, "data")  # the same batch for every N and precision
-        x, y = cached(("data", w, trial), lambda: wl.sample(batch[w], torch.Generator().manual_seed(data_seed)))
-        ref = cached(("ref", w, trial), lambda: reference_gradient(wl.model, wl.loss_fn, x, y, device=device))
-        eng = cached(("eng", w, compute), lambda: GradientEngine(wl.model, wl.loss_fn, compute, method=config.method,
-                                                                 chunk_size=config.chunk_size, device=device))  # fmt: skip
-        s = config.fp16_loss_scale if compute == "fp16" else 1.0
+        x, y, ref = data(w, trial)
+        s = config.fp16_loss_scale if compute == "fp16" else 1.0  # GradScaler-style static scale
         rows = []
         for scaling in config.scalings:
-            sr_seed = stable_seed(seed, w, compute, n, trial, scaling)
-            for r in fixed_effective(eng, x, y, ref, n, config.buffers(), scaling=scaling, seed=sr_seed, loss_scale=s):
+            sr_seed = stable_seed(seed, w, compute, n, trial, scaling)  # stochastic rounding of the buffers
+            for r in fixed_effective(engine(w, compute), x, y, ref, n, config.buffers(), scaling=scaling,
+                                     seed=sr_seed, loss_scale=s):  # fmt: skip
                 rows.append({"experiment": NAME, "workload": w, "regime": "fixed_effective", "compute_format": compute,
                              "scaling": scaling, "loss_scale": s, "micro_batch": batch[w] // n,
-                             "effective_batch": batch[w], "trial": trial, "seed": data_seed, **r})  # fmt: skip
+                             "effective_batch": batch[w], "trial": trial,
+                             "seed": stable_seed(seed, w, trial, "data"), **r})  # fmt: skip
         return rows
 
     return run_tasks(NAME, out_dir, config.tasks(), work, columns=COLUMNS, config=dataclasses.asdict(config),

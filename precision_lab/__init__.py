@@ -5,18 +5,24 @@ The public surface (see ``shared/DESIGN.md``)::
     fmt = get_format("bf16")
     y = round_nearest(x, "bf16"); y = round_stochastic(x, "fp16", generator=g)
     acc = Accumulator("kahan", "bf16", shape); acc.add(t); acc.value(); acc.lost_updates
+    eng = GradientEngine(model, loss_fn, "bf16"); eng.micro_gradients(x, y, n_micro=16)
+    reference_gradient(model, loss_fn, x, y)  # fp64, whole batch
 """
 
 from precision_lab.accumulators import STRATEGIES, Accumulator
 from precision_lab.formats import FORMAT_NAMES, Format, get_format
+from precision_lab.gradients import COMPUTE_FORMATS, GradientEngine, reference_gradient
 from precision_lab.rounding import round_nearest, round_stochastic, round_toward_zero
 
 __all__ = [
+    "COMPUTE_FORMATS",
     "FORMAT_NAMES",
     "STRATEGIES",
     "Accumulator",
     "Format",
+    "GradientEngine",
     "get_format",
+    "reference_gradient",
     "round_nearest",
     "round_stochastic",
     "round_toward_zero",

@@ -112,8 +112,11 @@ class GradientEngine:
         loss_fn: ``loss_fn(output, targets)`` -> the mean loss of a micro-batch.
         compute: One of :data:`COMPUTE_FORMATS`.
         method: ``"vmap"`` or ``"loop"`` (see the module docstring).
-        chunk_size: Micro-batches per vmap call (bounds memory; part of the config, so results
-            never depend on the machine).  Ignored by ``loop``.
+        chunk_size: Most micro-batches per vmap call.  Ignored by ``loop``.
+        chunk_samples: Most samples per vmap call: a chunk holds
+            ``max(1, min(chunk_size, chunk_samples // micro_batch))`` micro-batches, which bounds
+            memory (and keeps large micro-batches from thrashing the cache).  Both are part of the
+            config, never derived from free memory, so the bytes never depend on the machine.
         device: Where to compute.
         threads: Intra-op threads while computing gradients (restored between chunks, so the
             caller's own work keeps its threads).  1, the default, makes vmap and loop bit-identical
@@ -128,12 +131,14 @@ class GradientEngine:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, compute: str = "fp32", *, method: str = "vmap",
-                 chunk_size: int = 64, device: str | torch.device = "cpu", threads: int | None = 1) -> None:  # fmt: skip
+                 chunk_size: int = 64, chunk_samples: int = 256, device: str | torch.device = "cpu",
+                 threads: int | None = 1) -> None:  # fmt: skip
         self.compute = _check_compute(compute)
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        for name, v in (("chunk_size", chunk_size), ("chunk_samples", chunk_samples)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use 'cpu'")
@@ -141,6 +146,7 @@ class GradientEngine:
             raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
         self.method = method
         self.chunk_size = chunk_size
+        self.chunk_samples = chunk_samples
         self.threads = threads
         self.dtype = _PARAM_DTYPE[compute]
         self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
@@ -208,8 +214,9 @@ class GradientEngine:
                 yield out
             return
         batched = vmap(g, in_dims=(None, 0, 0, None, None))
-        for lo in range(0, n_micro, self.chunk_size):
-            hi = min(lo + self.chunk_size, n_micro)
+        chunk = max(1, min(self.chunk_size, self.chunk_samples // b))
+        for lo in range(0, n_micro, chunk):
+            hi = min(lo + chunk, n_micro)
             with _intra_op_threads(self.threads):
                 if hi - lo == 1:  # vmap over one micro-batch takes other kernels than over several
                     out = self._flatten(g(self.params, x[lo], y[lo], divide_by, loss_scale), 1)
