@@ -16,6 +16,7 @@ __all__ = ["REGISTRY", "get_experiment"]
 
 # name -> module; the issue tracker adds summation, model-gradients, underflow, ... as they land.
 REGISTRY: dict[str, str] = {
+    "ddp": "experiments.ddp",
     "model-gradients": "experiments.model_gradients",
     "stagnation": "experiments.stagnation",
 }

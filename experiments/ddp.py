@@ -1,0 +1,179 @@
+"""DDP: does accumulating under ``no_sync`` give the single-process gradient with N times fewer all-reduces?
+
+Real ``torch.distributed`` (gloo, ``world_size`` processes started by the experiment itself on this
+machine; the same code runs on NCCL across GPUs).  Each rank takes its own N micro-batches of B
+samples of one global batch; DDP averages over ranks, so every rank should end with the gradient of
+the whole global batch.  For each N, model precision (fp64: the identity to rounding; fp32: what
+users run), all-reduce precision (fp32 all-reduce, or DDP's ``bf16_compress_hook``) and mode
+(``no_sync`` on all but the last micro-step, or an all-reduce after every micro-step), rank 0
+records the all-reduce calls (counted by a wrapping comm hook: one per gradient bucket per sync),
+the error against the fp64 large-batch gradient, and the largest difference from one process
+accumulating all micro-batches in the same precision.
+
+``run`` writes ``results.csv`` + ``metadata.json``; ``plot`` only reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from precision_lab import metrics
+from precision_lab.gradients import reference_gradient
+from precision_lab.results import read_csv
+from precision_lab.sweep import run_tasks, stable_seed
+
+NAME = "ddp"
+COLUMNS = ("experiment", "workload", "model_format", "allreduce_format", "mode", "n_accum", "micro_batch",
+           "world_size", "seed", "allreduces", "rel_l2_error", "max_abs_diff_vs_single_process")  # fmt: skip
+_DTYPE = {"fp64": torch.float64, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Config:
+    """What to measure."""
+
+    workload: str = "mlp"  # a model workload of precision_lab.workloads
+    size: str = "full"  # its size preset
+    world_size: int = 2  # processes (gloo on CPU)
+    n_values: tuple[int, ...] = (1, 4, 16, 64)  # micro-batches per rank per optimizer step
+    micro_batch: int = 8  # samples per micro-batch
+    model_formats: tuple[str, ...] = ("fp64", "fp32")
+    allreduce_formats: tuple[str, ...] = ("fp32", "bf16")  # bf16: DDP's bf16_compress_hook
+    warmup_steps: int | None = None  # workload default
+
+    @classmethod
+    def quick(cls) -> Config:
+        """Seconds: the quick MLP, N up to 16."""
+        return cls(size="quick", n_values=(1, 4, 16))
+
+
+def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1).double() for p in model.parameters()])
+
+
+def _micro(xs: torch.Tensor, ys: torch.Tensor, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return (xs[i].to(dtype) if xs.is_floating_point() else xs[i]), ys[i]
+
+
+def _worker(rank: int, world: int, rendezvous: str, config: dict[str, Any], seed: int, out_file: str) -> None:
+    """One rank: every (N, model format, all-reduce format, mode); rank 0 writes the rows as JSON."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from precision_lab.workloads import make_workload
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    wl = make_workload(cfg.workload, seed=seed, size=cfg.size, warmup_steps=cfg.warmup_steps)
+    rows = []
+    for n in cfg.n_values:
+        data_seed = stable_seed(seed, n, "data")
+        x, y = wl.sample(world * n * cfg.micro_batch, torch.Generator().manual_seed(data_seed))  # same on all ranks
+        truth = reference_gradient(wl.model, wl.loss_fn, x, y)
+        xs = x.reshape(world * n, cfg.micro_batch, *x.shape[1:])
+        ys = y.reshape(world * n, cfg.micro_batch, *y.shape[1:])
+        for mfmt in cfg.model_formats:
+            dtype = _DTYPE[mfmt]
+
+            single = copy.deepcopy(wl.model).to(dtype)  # one process, all world*N micro-batches
+            for i in range(world * n):
+                xi, yi = _micro(xs, ys, i, dtype)
+                (wl.loss_fn(single(xi), yi) / (world * n)).backward()
+            single_grad = _flat_grad(single)
+            for afmt in cfg.allreduce_formats:
+                for mode in ("no_sync", "every_step"):
+                    model = DDP(copy.deepcopy(wl.model).to(dtype))
+                    calls = [0]
+                    base = default_hooks.bf16_compress_hook if afmt == "bf16" else default_hooks.allreduce_hook
+
+                    def hook(state, bucket, base=base, calls=calls):  # noqa: ANN001, ANN202 - DDP checks annotations
+                        calls[0] += 1
+                        return base(state, bucket)
+
+                    model.register_comm_hook(None, hook)
+                    for i in range(n):
+                        last = i == n - 1
+                        ctx = model.no_sync() if mode == "no_sync" and not last else contextlib.nullcontext()
+                        with ctx:
+                            xi, yi = _micro(xs, ys, rank * n + i, dtype)  # rank r holds micro-batches [rN, (r+1)N)
+                            (wl.loss_fn(model(xi), yi) / n).backward()  # DDP then averages over ranks
+                    got = _flat_grad(model.module)
+                    total = torch.tensor([calls[0]])
+                    dist.all_reduce(total)  # all ranks call the hook equally; check it
+                    rows.append({"experiment": NAME, "workload": cfg.workload, "model_format": mfmt,
+                                 "allreduce_format": afmt, "mode": mode, "n_accum": n,
+                                 "micro_batch": cfg.micro_batch, "world_size": world, "seed": data_seed,
+                                 "allreduces": calls[0] if int(total) == world * calls[0] else -1,
+                                 "rel_l2_error": metrics.rel_l2_error(got, truth),
+                                 "max_abs_diff_vs_single_process": float((got - single_grad).abs().max())})  # fmt: skip
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu",
+        shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
+    """Start ``world_size`` gloo processes, measure, write ``results.csv`` (one task: the whole grid)."""
+    if device != "cpu":
+        raise ValueError(f"the ddp experiment runs gloo on CPU processes; --device {device!r} is not supported here")
+    if config.world_size < 2:
+        raise ValueError(f"world_size must be >= 2, got {config.world_size!r}")
+
+    def work(task: dict[str, Any]) -> list[dict[str, Any]]:
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out_file = os.path.join(tmp, "rows.json")
+            mp.spawn(_worker, args=(config.world_size, os.path.join(tmp, "rendezvous"), dataclasses.asdict(config),
+                                    seed, out_file), nprocs=config.world_size, join=True)  # fmt: skip
+            return json.loads(Path(out_file).read_text())
+
+    return run_tasks(NAME, out_dir, [{"world_size": config.world_size}], work, columns=COLUMNS,
+                     config=dataclasses.asdict(config), seed=seed, device=device, shard=shard,
+                     progress=progress)  # fmt: skip
+
+
+def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
+    """All-reduce calls and error vs N, per mode and all-reduce precision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_csv(Path(out_dir) / "results.csv")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    styles = {"no_sync": "-", "every_step": "--"}
+    for i, (mfmt, afmt) in enumerate(sorted({(r["model_format"], r["allreduce_format"]) for r in rows})):
+        for mode, ls in styles.items():
+            sel = sorted((r for r in rows if (r["model_format"], r["allreduce_format"], r["mode"]) == (mfmt, afmt, mode)),
+                         key=lambda r: int(r["n_accum"]))  # fmt: skip
+            ns = [int(r["n_accum"]) for r in sel]
+            kw = {"color": f"C{i}", "linestyle": ls, "marker": "o", "label": f"{mfmt} model, {afmt} all-reduce, {mode}"}
+            axes[0].loglog(ns, [int(r["allreduces"]) for r in sel], base=2, **kw)
+            axes[1].loglog(ns, [max(float(r["rel_l2_error"]), 1e-18) for r in sel], base=2, **kw)
+    axes[0].set_ylabel("all-reduce calls per optimizer step")
+    axes[1].set_ylabel("relative L2 error vs fp64 large batch")
+    for ax in axes:
+        ax.set_xlabel("micro-batches per rank N")
+    axes[1].legend(fontsize=6)
+    fig.suptitle("DDP with gradient accumulation: no_sync vs an all-reduce every micro-step")
+    fig.tight_layout()
+    fig_dir = Path(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    path = fig_dir / f"{NAME}.png"
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+    return [path]
