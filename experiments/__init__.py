@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "ddp": "experiments.ddp",
     "model-gradients": "experiments.model_gradients",
     "stagnation": "experiments.stagnation",
+    "training": "experiments.training",
 }
 
 

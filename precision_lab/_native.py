@@ -107,13 +107,24 @@ def _numba() -> ModuleType | None:
     return numba
 
 
-def enabled() -> bool:
+# Below this many elements the parallel kernels' thread start-up costs more than they save (and
+# under CPU contention their spinning workers cost milliseconds per call): the torch code, which
+# gives the same bits, runs instead.
+MIN_NUMEL = 1 << 14
+
+
+def enabled(numel: int | None = None) -> bool:
     """Whether the compiled kernels are used: numba imports and ``PRECISION_LAB_NATIVE`` is not 0.
+
+    Args:
+        numel: The size of the call; below :data:`MIN_NUMEL` the torch path is used.
 
     Returns:
         True where the callers should use this module's kernels instead of the torch code.
     """
     if os.environ.get(ENV_VAR, "").strip().lower() in _OFF:
+        return False
+    if numel is not None and numel < MIN_NUMEL:
         return False
     return _numba() is not None
 

@@ -86,7 +86,7 @@ def _changed_count(new: torch.Tensor, old: torch.Tensor, t: torch.Tensor) -> int
 def naive_step(s: torch.Tensor, t: torch.Tensor, f: Format, count_lost: bool) -> int:
     """Naive step ``s <- RN(s + t)`` in place; returns the lost element-adds (0 when not counted)."""
     if count_lost:
-        if s.device.type == "cpu" and s.dtype == torch.bfloat16 and _native.enabled():
+        if s.device.type == "cpu" and s.dtype == torch.bfloat16 and _native.enabled(s.numel()):
             return _native.naive_add_bf16(s, t)
         old = s.clone()
         s.copy_(_op(s, t, f, +1))
@@ -100,7 +100,7 @@ def naive_step(s: torch.Tensor, t: torch.Tensor, f: Format, count_lost: bool) ->
 
 def kahan_step(s: torch.Tensor, c: torch.Tensor, t: torch.Tensor, f: Format, count_lost: bool) -> int:
     """One Kahan step in format f, in place on (s, c); returns lost element-adds."""
-    if s.device.type == "cpu" and s.dtype == torch.bfloat16 and _native.enabled():
+    if s.device.type == "cpu" and s.dtype == torch.bfloat16 and _native.enabled(s.numel()):
         return _native.kahan_add_bf16(s, c, t)
     y = _op(t, c, f, -1)  # subtract the previous step's lost low part
     u = _op(s, y, f, +1)
@@ -125,7 +125,7 @@ def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def stochastic_step(s: torch.Tensor, t: torch.Tensor, f: Format, key: int, count_lost: bool) -> int:
     """Stochastic step ``s <- SR_f(s + t)``, s + t formed in >= 2p + 2 bits; returns lost element-adds."""
-    if s.device.type == "cpu" and s.dtype == torch.bfloat16 and _native.enabled():
+    if s.device.type == "cpu" and s.dtype == torch.bfloat16 and _native.enabled(s.numel()):
         return _native.sr_add_bf16(s, t, key, count_lost)
     old = s.clone() if count_lost else None
     if _fp32_is_wide_enough(f):
@@ -318,7 +318,7 @@ class Accumulator:
     def add(self, t: torch.Tensor) -> None:
         """Round ``t`` to the buffer format (RN) and accumulate it with the strategy."""
         tr = self._prepare(t)
-        if tr.device.type == "cpu" and tr.dtype == torch.bfloat16 and _native.enabled():
+        if tr.device.type == "cpu" and tr.dtype == torch.bfloat16 and _native.enabled(tr.numel()):
             self.nonfinite_inputs += _native.count_nonfinite_bf16(tr)
         else:
             self.nonfinite_inputs += int(torch.count_nonzero(~torch.isfinite(tr)))

@@ -371,13 +371,27 @@ def test_count_nonfinite_every_bf16_pattern() -> None:
     assert _native.count_nonfinite_bf16(every.reshape(256, 256).t()) == 2 * 2**7  # non-contiguous
 
 
+def test_small_buffers_take_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below MIN_NUMEL the parallel kernels cost more than they save; the Accumulator must not call them."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a compiled kernel was called for a small buffer")
+
+    for name in ("naive_add_bf16", "kahan_add_bf16", "sr_add_bf16", "count_nonfinite_bf16"):
+        monkeypatch.setattr(_native, name, refuse)
+    for strategy in ("naive", "kahan", "stochastic"):
+        acc = Accumulator(strategy, "bf16", _native.MIN_NUMEL - 1, generator=torch.Generator().manual_seed(0))
+        acc.add(torch.ones(_native.MIN_NUMEL - 1))
+        assert acc.value()[0] == 1.0
+
+
 # --------------------------------------------------------------------------------------------------
 # through the Accumulator, many steps
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["naive", "kahan", "stochastic"])
 @pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nonfinite"])
 def test_accumulator_same_bits_with_and_without_kernels(strategy: str, nonfinite: bool) -> None:
-    n, steps = 5003, 12
+    n, steps = _native.MIN_NUMEL + 3, 12  # above the size where the Accumulator switches to the kernels
     addends = [bf16_input(n, seed=100 + k, lo=-30, hi=-5, nonfinite=nonfinite and k == 7) for k in range(steps)]
     addends[3] = addends[3].float() * 3.3  # an fp32 addend: rounded to bf16 by the accumulator first
 
