@@ -24,7 +24,10 @@ def test_list_names_every_registered_experiment(capsys: pytest.CaptureFixture[st
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["run", "no-such-experiment"], "unknown experiment 'no-such-experiment'; known: ddp, model-gradients, stagnation, training"),
+        (
+            ["run", "no-such-experiment"],
+            "unknown experiment 'no-such-experiment'; known: ddp, model-gradients, stagnation, training",
+        ),
         (["run", "stagnation", "--device", "tpu"], "invalid choice: 'tpu'"),
         (["run", "stagnation", "--seed", "x"], "invalid int value: 'x'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
