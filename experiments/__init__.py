@@ -17,6 +17,7 @@ __all__ = ["REGISTRY", "get_experiment"]
 # name -> module; the issue tracker adds summation, model-gradients, underflow, ... as they land.
 REGISTRY: dict[str, str] = {
     "ddp": "experiments.ddp",
+    "equivalence": "experiments.equivalence",
     "model-gradients": "experiments.model_gradients",
     "stagnation": "experiments.stagnation",
     "training": "experiments.training",
