@@ -4,7 +4,7 @@ Real ``torch.distributed`` (gloo, ``world_size`` processes started by the experi
 machine; the same code runs on NCCL across GPUs).  Each rank takes its own N micro-batches of B
 samples of one global batch; DDP averages over ranks, so every rank should end with the gradient of
 the whole global batch.  For each N, model precision (fp64: the identity to rounding; fp32: what
-users run), all-reduce precision (fp32 all-reduce, or DDP's ``bf16_compress_hook``) and mode
+users run), all-reduce precision (``native``: the gradients' own dtype, DDP's default; ``bf16``: ``bf16_compress_hook``) and mode
 (``no_sync`` on all but the last micro-step, or an all-reduce after every micro-step), rank 0
 records the all-reduce calls (counted by a wrapping comm hook: one per gradient bucket per sync),
 the error against the fp64 large-batch gradient, and the largest difference from one process
@@ -48,7 +48,7 @@ class Config:
     n_values: tuple[int, ...] = (1, 4, 16, 64)  # micro-batches per rank per optimizer step
     micro_batch: int = 8  # samples per micro-batch
     model_formats: tuple[str, ...] = ("fp64", "fp32")
-    allreduce_formats: tuple[str, ...] = ("fp32", "bf16")  # bf16: DDP's bf16_compress_hook
+    allreduce_formats: tuple[str, ...] = ("native", "bf16")  # native: the gradients' dtype; bf16: bf16_compress_hook
     warmup_steps: int | None = None  # workload default
 
     @classmethod

@@ -231,7 +231,8 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     ax.set_yticks(range(len(sel)), labels, fontsize=6)
     ax.invert_yaxis()
     ax.set_xlabel(f"max |lhs - rhs| / max |rhs| at N = {n_max} (fp64; dotted: 2^-40; 0 drawn at 1e-18)")
-    ax.set_title("Accumulation vs large batch: blue = maths says equal, orange = maths says different")
+    ax.set_title("Gradient accumulation vs one large batch, fp64\nblue: the maths says equal; orange: it says different",
+                 fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)

@@ -158,8 +158,15 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
                      seed=seed, device=device, shard=shard, progress=progress)  # fmt: skip
 
 
+def _trial_mean(rows: list[dict[str, str]], key: str, col: str) -> list[tuple[int, float]]:
+    """(x, mean of ``col``) over trials, x taken from column ``key``, sorted by x."""
+    xs = sorted({int(r[key]) for r in rows})
+    return [(x, sum(float(r[col]) for r in rows if int(r[key]) == x) / sum(1 for r in rows if int(r[key]) == x))
+            for x in xs]  # fmt: skip
+
+
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
-    """Final eval loss and weight distance from the fp64 run vs N, per run (trial means)."""
+    """Per workload: held-out loss vs step at the largest N, final loss and weight distance vs N."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,26 +176,29 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     workloads = sorted({r["workload"] for r in rows})
     labels = [r[0] for r in RUNS if any(x["run"] == r[0] for x in rows)]
     last = max(int(r["step"]) for r in rows)
-    fig, axes = plt.subplots(2, len(workloads), figsize=(5 * len(workloads), 7), squeeze=False)
+    fig, axes = plt.subplots(3, len(workloads), figsize=(5.5 * len(workloads), 10), squeeze=False)
     for j, w in enumerate(workloads):
+        n_max = max(int(r["n_accum"]) for r in rows if r["workload"] == w)
         for i, label in enumerate(labels):
-            sel = [r for r in rows if r["workload"] == w and r["run"] == label and int(r["step"]) == last]
-            ns = sorted({int(r["n_accum"]) for r in sel})
-
-            def mean(col: str, sel: list[dict[str, str]] = sel, ns: list[int] = ns) -> list[float]:
-                return [sum(float(r[col]) for r in sel if int(r["n_accum"]) == n)
-                        / sum(1 for r in sel if int(r["n_accum"]) == n) for n in ns]  # fmt: skip
-
-            kw = {"color": f"C{i}", "marker": "o", "linewidth": 1.2, "label": label}
-            axes[0, j].semilogx(ns, mean("eval_loss"), base=2, **kw)
-            if label != "fp64":
-                axes[1, j].loglog(ns, [max(d, 1e-12) for d in mean("weight_distance")], base=2, **kw)
-        axes[0, j].set_title(f"{w}: after {last} optimizer steps")
+            mine = [r for r in rows if r["workload"] == w and r["run"] == label]
+            kw = {"color": f"C{i}", "marker": "o", "markersize": 3, "linewidth": 1.2, "label": label}
+            curve = _trial_mean([r for r in mine if int(r["n_accum"]) == n_max], "step", "eval_loss")
+            axes[0, j].plot(*zip(*curve, strict=True), **kw)
+            final = [r for r in mine if int(r["step"]) == last]
+            axes[1, j].semilogx(*zip(*_trial_mean(final, "n_accum", "eval_loss"), strict=True), base=2, **kw)
+            if label != "fp64":  # the reference is at distance 0 from itself
+                dist = [(n, max(d, 2.0**-40)) for n, d in _trial_mean(final, "n_accum", "weight_distance")]
+                axes[2, j].loglog(*zip(*dist, strict=True), base=2, **kw)
+        axes[0, j].set_title(f"{w}: held-out loss during training, N = {n_max}", fontsize=10)
+        axes[0, j].set_xlabel("optimizer step")
         axes[0, j].set_ylabel("held-out loss (nats)")
-        axes[1, j].set_ylabel("|w - w_fp64| / |w_fp64|")
-        axes[1, j].set_xlabel("accumulation count N (micro-batches per step)")
+        axes[1, j].set_title(f"{w}: after {last} optimizer steps", fontsize=10)
+        axes[1, j].set_ylabel("held-out loss (nats)")
+        axes[2, j].set_ylabel("|w - w_fp64| / |w_fp64| (trial mean)")
+        for ax in axes[1:, j]:
+            ax.set_xlabel("accumulation count N (micro-batches per step)")
     axes[0, -1].legend(fontsize=7)
-    fig.suptitle("Training with bf16 parameters: which accumulation buffer, from which N?")
+    fig.suptitle("Training with bf16 parameters: which accumulation buffer, from which N?", fontsize=11)
     fig.tight_layout()
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)

@@ -24,15 +24,15 @@ def test_no_sync_all_reduces_once_per_step_every_step_n_times(rows: list[dict[st
 
 def test_fp64_ddp_equals_the_large_batch_and_one_process(rows: list[dict[str, str]]) -> None:
     for r in rows:
-        if (r["model_format"], r["allreduce_format"]) != ("fp64", "fp32"):
+        if (r["model_format"], r["allreduce_format"]) != ("fp64", "native"):
             continue
-        # fp64 model, fp64 gradients (the "fp32" all-reduce hook sums the bucket in its own dtype):
+        # fp64 model, fp64 gradients all-reduced in their own dtype:
         # the same quantity by other summation orders; 2^-40 leaves 2^13 fp64 ulps, as in test_gradients
         assert float(r["rel_l2_error"]) <= 2.0**-40, r
         assert float(r["max_abs_diff_vs_single_process"]) <= 2.0**-40, r
 
 
-def test_bf16_all_reduce_is_visible_and_fp32_is_not(rows: list[dict[str, str]]) -> None:
+def test_bf16_all_reduce_is_visible_and_native_fp32_is_not(rows: list[dict[str, str]]) -> None:
     """Negative control: the metric sees a bf16 all-reduce (u = 2^-8) but not an fp32 one (u = 2^-24)."""
     for r in rows:
         err = float(r["rel_l2_error"])
