@@ -5,7 +5,8 @@ machine; the same code runs on NCCL across GPUs).  Each rank takes its own N mic
 samples of one global batch; DDP averages over ranks, so every rank should end with the gradient of
 the whole global batch.  For each N, model precision (fp64: the identity to rounding; fp32: what
 users run), all-reduce precision (``native``: the gradients' own dtype, DDP's default; ``bf16``: ``bf16_compress_hook``) and mode
-(``no_sync`` on all but the last micro-step, or an all-reduce after every micro-step), rank 0
+(:data:`MODES`: ``no_sync`` on all but the last micro-step, an all-reduce after every micro-step,
+or ``no_sync`` with :class:`~precision_lab.training.GradientAccumulator` buffers), rank 0
 records the all-reduce calls (counted by a wrapping comm hook: one per gradient bucket per sync),
 the error against the fp64 large-batch gradient, and the largest difference from one process
 accumulating all micro-batches in the same precision.
@@ -36,6 +37,10 @@ NAME = "ddp"
 COLUMNS = ("experiment", "workload", "model_format", "allreduce_format", "mode", "n_accum", "micro_batch",
            "world_size", "seed", "allreduces", "rel_l2_error", "max_abs_diff_vs_single_process")  # fmt: skip
 _DTYPE = {"fp64": torch.float64, "fp32": torch.float32}
+# plain DDP with no_sync on all but the last micro-step; an all-reduce after every micro-step; and
+# no_sync with precision_lab's GradientAccumulator(ddp=...) buffers (the parameter's own format, which
+# must reproduce plain no_sync bit for bit, and a bf16 Kahan buffer)
+MODES = ("no_sync", "every_step", "no_sync, GradientAccumulator naive", "no_sync, GradientAccumulator bf16 kahan")
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ def _worker(rank: int, world: int, rendezvous: str, config: dict[str, Any], seed
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from precision_lab.training import GradientAccumulator
     from precision_lab.workloads import make_workload
 
     torch.set_num_threads(1)
@@ -93,8 +99,12 @@ def _worker(rank: int, world: int, rendezvous: str, config: dict[str, Any], seed
                 (wl.loss_fn(single(xi), yi) / (world * n)).backward()
             single_grad = _flat_grad(single)
             for afmt in cfg.allreduce_formats:
-                for mode in ("no_sync", "every_step"):
+                for mode in MODES:
                     model = DDP(copy.deepcopy(wl.model).to(dtype))
+                    acc = None
+                    if mode.startswith("no_sync, GradientAccumulator"):  # the drop-in buffer under DDP
+                        fmt, strategy = (None, "naive") if mode.endswith("naive") else ("bf16", "kahan")
+                        acc = GradientAccumulator(model.parameters(), strategy=strategy, fmt=fmt, ddp=model)
                     calls = [0]
                     base = default_hooks.bf16_compress_hook if afmt == "bf16" else default_hooks.allreduce_hook
 
@@ -105,10 +115,13 @@ def _worker(rank: int, world: int, rendezvous: str, config: dict[str, Any], seed
                     model.register_comm_hook(None, hook)
                     for i in range(n):
                         last = i == n - 1
-                        ctx = model.no_sync() if mode == "no_sync" and not last else contextlib.nullcontext()
+                        ctx = model.no_sync() if mode != "every_step" and not last else contextlib.nullcontext()
                         with ctx:
                             xi, yi = _micro(xs, ys, rank * n + i, dtype)  # rank r holds micro-batches [rN, (r+1)N)
                             (wl.loss_fn(model(xi), yi) / n).backward()  # DDP then averages over ranks
+                    if acc is not None:
+                        acc.write_grads()  # keeps the p.grad DDP all-reduced on the last micro-step
+                        acc.remove()
                     got = _flat_grad(model.module)
                     total = torch.tensor([calls[0]])
                     dist.all_reduce(total)  # all ranks call the hook equally; check it
@@ -155,7 +168,7 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
 
     rows = read_csv(Path(out_dir) / "results.csv")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    styles = {"no_sync": "-", "every_step": "--"}
+    styles = dict(zip(MODES, ("-", "--", ":", "-."), strict=True))
     for i, (mfmt, afmt) in enumerate(sorted({(r["model_format"], r["allreduce_format"]) for r in rows})):
         for mode, ls in styles.items():
             sel = sorted((r for r in rows if (r["model_format"], r["allreduce_format"], r["mode"]) == (mfmt, afmt, mode)),
