@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from precision_lab.gradients import _intra_op_threads, flat_parameters
+from precision_lab._threads import intra_op_threads
+from precision_lab.gradients import flat_parameters
 from precision_lab.results import read_csv
 from precision_lab.sweep import run_tasks, stable_seed
 from precision_lab.training import GradientAccumulator
@@ -98,7 +99,7 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
     def work(task: dict[str, Any]) -> list[dict[str, Any]]:
         # one intra-op thread: the bytes do not depend on the core count (multi-threaded GEMMs sum in
         # another order), and these small models gain nothing from more
-        with _intra_op_threads(1):
+        with intra_op_threads(1):
             return train(task)
 
     def train(task: dict[str, Any]) -> list[dict[str, Any]]:

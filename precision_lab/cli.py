@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true", help="small sizes: seconds on 2 cores")
     r.add_argument("--out", default="results", help="results folder (default: results/)")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--shard", default=None, metavar="I/K",
                    help="compute only the I-th of K interleaved parts of the grid; the run that finds every "
                    "part done writes results.csv")  # fmt: skip
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--quick", action="store_true")
     rp.add_argument("--out", default="results")
     rp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--seed", type=_seed, default=0)
     return p
 
 
@@ -66,6 +66,17 @@ def _plot(name: str, out: Path) -> None:
 
     for path in get_experiment(name).plot(out / name, out / "figures"):
         print(f"{name}: figure {path}")
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer in [0, 2^63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"--seed must be in [0, 2**63), got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

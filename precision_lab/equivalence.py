@@ -81,7 +81,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional name)
 from torch import nn
 
-from precision_lab.gradients import _intra_op_threads, flat_parameters, split
+from precision_lab._threads import intra_op_threads
+from precision_lab.gradients import flat_parameters, split
 
 __all__ = [
     "CONVENTIONS",
@@ -264,7 +265,7 @@ def _seeded(seed: int) -> Iterator[None]:
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    with torch.random.fork_rng(devices=[]), _intra_op_threads(1):
+    with torch.random.fork_rng(devices=[]), intra_op_threads(1):
         torch.manual_seed(seed)
         yield
 

@@ -40,7 +40,6 @@ on any machine.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator
@@ -48,6 +47,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
+from precision_lab._threads import intra_op_threads
 
 __all__ = ["COMPUTE_FORMATS", "METHODS", "GradientEngine", "flat_parameters", "reference_gradient", "split"]
 
@@ -82,19 +83,6 @@ def split(n_items: int, n_micro: int) -> int:
 def flat_parameters(model: nn.Module) -> torch.Tensor:
     """All parameters of ``model`` flattened in ``named_parameters()`` order (a copy)."""
     return torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-
-
-@contextlib.contextmanager
-def _intra_op_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads (None: leave the setting alone)."""
-    before = torch.get_num_threads()
-    if n is not None and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -209,7 +197,7 @@ class GradientEngine:
         g = grad(self._loss)
         if self.method == "loop":
             for i in range(n_micro):
-                with _intra_op_threads(self.threads):  # set per step: never leaks across a yield
+                with intra_op_threads(self.threads):  # set per step: never leaks across a yield
                     out = self._flatten(g(self.params, x[i], y[i], divide_by, loss_scale), 1)
                 yield out
             return
@@ -217,7 +205,7 @@ class GradientEngine:
         chunk = max(1, min(self.chunk_size, self.chunk_samples // b))
         for lo in range(0, n_micro, chunk):
             hi = min(lo + chunk, n_micro)
-            with _intra_op_threads(self.threads):
+            with intra_op_threads(self.threads):
                 if hi - lo == 1:  # vmap over one micro-batch takes other kernels than over several
                     out = self._flatten(g(self.params, x[lo], y[lo], divide_by, loss_scale), 1)
                 else:

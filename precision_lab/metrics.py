@@ -40,6 +40,7 @@ import numpy as np
 import scipy.stats
 import torch
 
+from precision_lab._threads import intra_op_threads
 from precision_lab.formats import Format, get_format
 
 __all__ = [
@@ -121,7 +122,10 @@ def _inverse_power_factors(peak: float) -> tuple[float, float]:
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float(torch.dot(x, y))
+    # one thread: a multi-threaded reduction sums in another order, so the last bit of every metric
+    # would depend on the machine's core count (and results.csv with it)
+    with intra_op_threads(1):
+        return float(torch.dot(x, y))
 
 
 def _norm(x: torch.Tensor) -> float:
@@ -492,9 +496,10 @@ def bias_variance(trials: torch.Tensor, ref: torch.Tensor, *, confidence: float 
     errors = xs - rs
     mean_error = errors.mean(dim=0)
     rel_sq_bias = _dot(mean_error, mean_error) / rr
-    rel_variance = float(xs.var(dim=0, correction=1).sum()) / rr if n_trials > 1 else math.nan
-    rel_mse = float((errors * errors).sum(dim=1).mean()) / rr
-    projections = (errors @ rs) / rr
+    with intra_op_threads(1):  # reductions in one fixed order: bytes independent of the core count
+        rel_variance = float(xs.var(dim=0, correction=1).sum()) / rr if n_trials > 1 else math.nan
+        rel_mse = float((errors * errors).sum(dim=1).mean()) / rr
+        projections = (errors @ rs) / rr
     projection = summarize(projections, confidence)
     nonfinite_trials = int((~torch.isfinite(flat)).any(dim=1).sum())
     return BiasVariance(

@@ -149,9 +149,11 @@ def environment(device: str = "cpu") -> dict[str, Any]:
 
 
 def write_metadata(path: str | Path, *, config: Mapping[str, Any], seed: int, device: str,
-                   started: datetime, finished: datetime | None = None) -> None:  # fmt: skip
-    """Write ``metadata.json``: environment, seed, full config, start and end time (UTC)."""
+                   started: datetime, finished: datetime | None = None,
+                   extra: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    """Write ``metadata.json``: environment, seed, full config, start and end time (UTC), ``extra`` keys."""
     meta = {
+        **dict(extra or {}),
         "environment": environment(device),
         "seed": seed,
         "config": dict(config),

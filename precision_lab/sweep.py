@@ -16,12 +16,16 @@ Two layers:
   interleaved parts of the task list, so a sweep spreads over processes or array jobs.  When every
   task has a part, ``results.csv`` is the concatenation of the parts in task order, so it is the
   same bytes however the work was split.  The fingerprint hashes the experiment, config, seed,
-  device and git commit: a changed config or code never reuses stale parts.
+  device, torch and Python versions and a digest of the package and experiment sources: a changed
+config or changed code (committed or not) never reuses stale parts, and a ``results.csv`` of
+another fingerprint is removed when a run starts, so ``plot`` never reads a stale one.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -99,7 +103,9 @@ def accumulate(chunks: Iterable[torch.Tensor], buffers: Sequence[tuple[str, str]
     Returns:
         One dict per (buffer, N): ``buffer_format``, ``strategy``, ``n_accum``, the metrics of
         :func:`precision_lab.metrics.compare`, and ``quantisation_floor``, the relative error of the
-        reference itself rounded once to the buffer format (no accumulation can be stored closer).
+        reference itself rounded once to the buffer format: no read-out that is a vector of format
+        numbers (naive, stochastic, pairwise) can be closer.  Kahan's ``s - c`` and ``exact``'s
+        pair carry more bits than one format number and can go below it.
 
     Raises:
         ValueError: A bad N, an unknown format/strategy, or a stream shorter than ``max(record)``.
@@ -213,6 +219,8 @@ def stream(samples: Callable[[int], torch.Tensor], compute: str, record: Collect
         device: Where buffers live.
     """
     want = _check_record(record)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     fmt = get_format(compute)
     drawn: list[torch.Tensor] = []  # fp64 micro-gradients, kept so every pass sees the same stream
     total = 0
@@ -273,11 +281,46 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, k
 
 
+@functools.cache
+def code_digest() -> str:
+    """sha256 (16 hex digits) of every ``.py`` file of ``precision_lab`` and ``experiments``, as on disk.
+
+    Part of the sweep fingerprint, so that edited code (committed or not, installed from git or
+    not) never reuses parts computed by other code.
+    """
+    h = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    roots = [package]
+    spec = importlib.util.find_spec("experiments")
+    if spec is not None and spec.origin is not None:
+        roots.append(Path(spec.origin).resolve().parent)
+    for root in roots:
+        for f in sorted(root.rglob("*.py")):
+            h.update(f.relative_to(root.parent).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _fingerprint(experiment: str, config: Mapping[str, Any], seed: int, device: str, columns: Sequence[str]) -> str:
     env = environment(device)
     key = {"experiment": experiment, "config": config, "seed": seed, "device": device, "columns": list(columns),
-           "version": env["precision_lab"], "git_commit": env["git_commit"]}  # fmt: skip
+           "code": code_digest(), "torch": env["torch"], "python": env["python"]}  # fmt: skip
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _drop_stale_results(out: Path, fingerprint: str) -> None:
+    """Remove ``results.csv``/``metadata.json`` written for another fingerprint (config, code, seed...).
+
+    Until this grid completes, ``plot`` then finds no results instead of silently reading another
+    configuration's.
+    """
+    meta = out / "metadata.json"
+    try:
+        old = json.loads(meta.read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        old = None
+    if old != fingerprint:
+        (out / "results.csv").unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
 
 
 def run_tasks(experiment: str, out_dir: str | Path, tasks: Sequence[Mapping[str, Any]],
@@ -302,8 +345,10 @@ def run_tasks(experiment: str, out_dir: str | Path, tasks: Sequence[Mapping[str,
         The path of ``results.csv`` once every task of the grid is finished, else None.
     """
     out = Path(out_dir)
-    parts = out / ".parts" / _fingerprint(experiment, config, seed, device, columns)
+    fingerprint = _fingerprint(experiment, config, seed, device, columns)
+    parts = out / ".parts" / fingerprint
     parts.mkdir(parents=True, exist_ok=True)
+    _drop_stale_results(out, fingerprint)
     remove_stale_temporaries(parts)  # half-written parts of a killed run (never a finished one)
     remove_stale_temporaries(out)
     started_file = parts / "started"
@@ -334,5 +379,6 @@ def run_tasks(experiment: str, out_dir: str | Path, tasks: Sequence[Mapping[str,
     atomic_write_text(out / "results.csv", header + "".join(body))
     started = datetime.fromisoformat(started_file.read_text().strip())
     write_metadata(out / "metadata.json", config={**config, "tasks": len(tasks), "parts": str(parts.relative_to(out))},
-                   seed=seed, device=device, started=started)  # fmt: skip
+                   seed=seed, device=device, started=started,
+                   extra={"experiment": experiment, "fingerprint": fingerprint, "code": code_digest()})  # fmt: skip
     return out / "results.csv"

@@ -30,9 +30,11 @@ def test_list_names_every_registered_experiment(capsys: pytest.CaptureFixture[st
         ),
         (["run", "stagnation", "--device", "tpu"], "invalid choice: 'tpu'"),
         (["run", "stagnation", "--seed", "x"], "invalid int value: 'x'"),
+        (["run", "stagnation", "--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+        (["run", "stagnation", "--seed", str(2**64)], "--seed must be in [0, 2**63)"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
-    ids=["unknown-experiment", "bad-device", "bad-seed", "bad-command"],
+    ids=["unknown-experiment", "bad-device", "bad-seed", "negative-seed", "huge-seed", "bad-command"],
 )
 def test_bad_input_exits_2_with_one_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     try:  # argparse's own errors raise SystemExit(2); ours return 2

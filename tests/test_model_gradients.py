@@ -95,3 +95,19 @@ def test_bad_config_and_cli_shard_errors(capsys: pytest.CaptureFixture[str]) -> 
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1
         assert needle in err
+
+
+def test_bytes_do_not_depend_on_the_thread_count(tmp_path: Path) -> None:
+    """Warm-up, micro-gradients and reference pin one intra-op thread: 1 or 2 threads, same bytes."""
+    import torch
+
+    cfg = tiny(warmup_steps=None, compute_formats=("fp32",), trials=1)  # the default warm-up (Adam steps)
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = mg.run(cfg, tmp_path / str(threads), seed=0, progress=False).read_bytes()
+    finally:
+        torch.set_num_threads(before)
+    assert out[1] == out[2]

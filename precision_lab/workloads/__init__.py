@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional name)
 from torch import Tensor, nn
 
+from precision_lab._threads import intra_op_threads
 from precision_lab.workloads.data import (
     CORPUS_FILES,
     DIGITS_SIZE,
@@ -224,7 +225,8 @@ def make_workload(name: str, *, seed: int = 0, size: str = "full", warmup_steps:
         }
 
     model = model.to(torch.float32)  # a no-op unless the global default dtype was changed
-    last_loss = _warm_up(model, loss_fn, sampler, warmup_steps, seed)
+    with intra_op_threads(1):  # the weights must not depend on the core count (see precision_lab._threads)
+        last_loss = _warm_up(model, loss_fn, sampler, warmup_steps, seed)
     model.train()
     info |= {
         "parameters": count_parameters(model),
