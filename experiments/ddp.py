@@ -30,6 +30,7 @@ import torch
 
 from precision_lab import metrics
 from precision_lab.gradients import reference_gradient
+from precision_lab.plotting import pyplot, save_figure
 from precision_lab.results import read_csv
 from precision_lab.sweep import run_tasks, stable_seed
 
@@ -161,10 +162,7 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
 
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     """All-reduce calls and error vs N, per mode and all-reduce precision."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = read_csv(Path(out_dir) / "results.csv")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -183,10 +181,4 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
         ax.set_xlabel("micro-batches per rank N")
     axes[1].legend(fontsize=6)
     fig.suptitle("DDP with gradient accumulation: no_sync vs an all-reduce every micro-step")
-    fig.tight_layout()
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    path = fig_dir / f"{NAME}.png"
-    fig.savefig(path, dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, fig_dir, NAME)]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from precision_lab import equivalence as eq
+from precision_lab.plotting import pyplot, save_figure
 from precision_lab.results import read_csv
 from precision_lab.sweep import run_tasks, stable_seed
 from precision_lab.workloads import make_workload
@@ -213,10 +214,7 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
 
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     """One bar per comparison (largest N): relative difference on a log scale, the 2^-40 line drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = read_csv(Path(out_dir) / "results.csv")
     n_max = max(int(r["n_accum"]) for r in rows)
@@ -233,10 +231,4 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     ax.set_xlabel(f"max |lhs - rhs| / max |rhs| at N = {n_max} (fp64; dotted: 2^-40; 0 drawn at 1e-18)")
     ax.set_title("Gradient accumulation vs one large batch, fp64\nblue: the maths says equal; orange: it says different",
                  fontsize=9)  # fmt: skip
-    fig.tight_layout()
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    path = fig_dir / f"{NAME}.png"
-    fig.savefig(path, dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, fig_dir, NAME)]

@@ -24,6 +24,7 @@ import torch
 
 from precision_lab import metrics
 from precision_lab.gradients import GradientEngine, reference_gradient
+from precision_lab.plotting import pyplot, save_figure
 from precision_lab.results import read_csv
 from precision_lab.sweep import fixed_effective, power_grid, run_tasks, stable_seed
 from precision_lab.workloads import ModelWorkload, make_workload
@@ -113,10 +114,7 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
 
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     """Relative error and projection bias vs N (trial means), one column per workload x compute."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in read_csv(Path(out_dir) / "results.csv") if r["scaling"] == "post"]
     panels = sorted({(r["workload"], r["compute_format"]) for r in rows})
@@ -141,10 +139,4 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
         axes[1, j].set_xlabel("accumulation count N (fixed effective batch)")
     axes[0, -1].legend(fontsize=6, ncol=2)
     fig.suptitle("Accumulated gradient vs the fp64 large-batch gradient (post scaling, trial means)")
-    fig.tight_layout()
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    path = fig_dir / f"{NAME}.png"
-    fig.savefig(path, dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, fig_dir, NAME)]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from precision_lab import STRATEGIES, Accumulator, get_format, metrics, theory
+from precision_lab.plotting import pyplot, save_figure
 from precision_lab.results import read_csv
 from precision_lab.sweep import power_grid, run_tasks
 
@@ -115,10 +116,7 @@ def _trial_mean(rows: list[dict[str, str]], n: int, column: str) -> float:
 
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     """Error and lost-update fraction vs N from stored results (no recomputation)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = read_csv(Path(out_dir) / "results.csv")
     streams = sorted({r["stream"] for r in rows})
@@ -142,10 +140,4 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
         axes[1, j].set_ylabel("lost-update fraction")
         axes[1, j].set_xlabel("accumulation count N")
     axes[0, -1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    path = fig_dir / f"{NAME}.png"
-    fig.savefig(path, dpi=120, metadata={"Software": None})  # no version string: stable bytes
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, fig_dir, NAME)]

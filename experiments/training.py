@@ -25,6 +25,7 @@ import torch
 
 from precision_lab._threads import intra_op_threads
 from precision_lab.gradients import flat_parameters
+from precision_lab.plotting import pyplot, save_figure
 from precision_lab.results import read_csv
 from precision_lab.sweep import run_tasks, stable_seed
 from precision_lab.training import GradientAccumulator
@@ -168,10 +169,7 @@ def _trial_mean(rows: list[dict[str, str]], key: str, col: str) -> list[tuple[in
 
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     """Per workload: held-out loss vs step at the largest N, final loss and weight distance vs N."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = read_csv(Path(out_dir) / "results.csv")
     workloads = sorted({r["workload"] for r in rows})
@@ -200,10 +198,4 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
             ax.set_xlabel("accumulation count N (micro-batches per step)")
     axes[0, -1].legend(fontsize=7)
     fig.suptitle("Training with bf16 parameters: which accumulation buffer, from which N?", fontsize=11)
-    fig.tight_layout()
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    path = fig_dir / f"{NAME}.png"
-    fig.savefig(path, dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, fig_dir, NAME)]
