@@ -26,7 +26,7 @@ from precision_lab import metrics
 from precision_lab.gradients import GradientEngine, reference_gradient
 from precision_lab.plotting import pyplot, save_figure
 from precision_lab.results import read_csv
-from precision_lab.sweep import fixed_effective, power_grid, run_tasks, stable_seed
+from precision_lab.sweep import fixed_effective, fixed_micro, power_grid, run_tasks, stable_seed
 from precision_lab.workloads import ModelWorkload, make_workload
 
 NAME = "model-gradients"
@@ -52,6 +52,7 @@ class Config:
     chunk_size: int = 64  # most micro-batches per vmap call (fixed, so the bytes never vary)
     chunk_samples: int = 256  # most samples per vmap call (bounds memory for large micro-batches)
     warmup_steps: int | None = None  # fp32 Adam steps before measuring (None: workload default)
+    fixed_micro_batch: int | None = None  # also run the growing-N regime at this micro-batch B (one pass per trial)
 
     @classmethod
     def quick(cls) -> Config:
@@ -63,12 +64,25 @@ class Config:
         return [*itertools.product(self.buffer_formats, self.strategies), ("fp64", "exact")]
 
     def tasks(self) -> list[dict[str, Any]]:
-        """One task per (workload, compute, N, trial); scalings and buffers share its pass."""
+        """One task per (workload, compute, N, trial); scalings and buffers share its pass.
+
+        With ``fixed_micro_batch`` B, one more task per (workload, compute, trial) grows N over the
+        power-of-two grid up to E/B on the same samples, recording every N in one pass (``post``).
+        """
         if len(self.effective_batch) != len(self.workloads):
             raise ValueError(f"effective_batch {self.effective_batch} needs one entry per workload {self.workloads}")
-        return [{"workload": w, "compute_format": c, "n_accum": n, "trial": t}
-                for w, e in zip(self.workloads, self.effective_batch, strict=True)
-                for c in self.compute_formats for n in power_grid(e, divides=e) for t in range(self.trials)]  # fmt: skip
+        tasks = [{"workload": w, "compute_format": c, "regime": "fixed_effective", "n_accum": n, "trial": t}
+                 for w, e in zip(self.workloads, self.effective_batch, strict=True)
+                 for c in self.compute_formats for n in power_grid(e, divides=e) for t in range(self.trials)]  # fmt: skip
+        if self.fixed_micro_batch is not None:
+            b = self.fixed_micro_batch
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1 or any(e % b for e in self.effective_batch):
+                raise ValueError(f"fixed_micro_batch {b!r} must be an integer >= 1 that divides every effective batch "
+                                 f"{self.effective_batch}")  # fmt: skip
+            tasks += [{"workload": w, "compute_format": c, "regime": "fixed_micro", "n_accum": e // self.fixed_micro_batch,
+                       "trial": t} for w, e in zip(self.workloads, self.effective_batch, strict=True)
+                      for c in self.compute_formats for t in range(self.trials)]  # fmt: skip
+        return tasks
 
 
 def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu",
@@ -95,17 +109,23 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
 
     def work(task: dict[str, Any]) -> list[dict[str, Any]]:
         w, compute, n, trial = task["workload"], task["compute_format"], task["n_accum"], task["trial"]
+        regime = task["regime"]
         x, y, ref = data(w, trial)
         s = config.fp16_loss_scale if compute == "fp16" else 1.0  # GradScaler-style static scale
         rows = []
         for scaling in config.scalings:
-            sr_seed = stable_seed(seed, w, compute, n, trial, scaling)  # stochastic rounding of the buffers
-            for r in fixed_effective(engine(w, compute), x, y, ref, n, config.buffers(), scaling=scaling,
-                                     seed=sr_seed, loss_scale=s):  # fmt: skip
-                rows.append({"experiment": NAME, "workload": w, "regime": "fixed_effective", "compute_format": compute,
-                             "scaling": scaling, "loss_scale": s, "micro_batch": batch[w] // n,
-                             "effective_batch": batch[w], "trial": trial,
-                             "seed": stable_seed(seed, w, trial, "data"), **r})  # fmt: skip
+            sr_seed = stable_seed(seed, w, compute, n, trial, scaling, regime)  # the buffers' stochastic rounding
+            if regime == "fixed_effective":
+                measured = fixed_effective(engine(w, compute), x, y, ref, n, config.buffers(), scaling=scaling,
+                                           seed=sr_seed, loss_scale=s)  # fmt: skip
+            else:  # growing N at micro-batch B over the same samples; the truth at N: the first N*B of them
+                measured = fixed_micro(engine(w, compute), x, y, config.fixed_micro_batch, power_grid(n),
+                                       config.buffers(), scaling=scaling, seed=sr_seed, loss_scale=s)  # fmt: skip
+            for r in measured:
+                b = batch[w] // r["n_accum"] if regime == "fixed_effective" else config.fixed_micro_batch
+                rows.append({"experiment": NAME, "workload": w, "regime": regime, "compute_format": compute,
+                             "scaling": scaling, "loss_scale": s, "micro_batch": b, "effective_batch": b * r["n_accum"],
+                             "trial": trial, "seed": stable_seed(seed, w, trial, "data"), **r})  # fmt: skip
         return rows
 
     return run_tasks(NAME, out_dir, config.tasks(), work, columns=COLUMNS, config=dataclasses.asdict(config),
@@ -116,7 +136,11 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     """Relative error and projection bias vs N (trial means), one column per workload x compute."""
     plt = pyplot()
 
-    rows = [r for r in read_csv(Path(out_dir) / "results.csv") if r["scaling"] == "post"]
+    rows = [
+        r
+        for r in read_csv(Path(out_dir) / "results.csv")
+        if r["scaling"] == "post" and r["regime"] == "fixed_effective"
+    ]
     panels = sorted({(r["workload"], r["compute_format"]) for r in rows})
     buffers = sorted({(r["buffer_format"], r["strategy"]) for r in rows})
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)

@@ -85,11 +85,31 @@ def test_shards_merge_to_the_single_run(tiny_run: Path, tmp_path: Path) -> None:
     assert mg.run(tiny(), tmp_path, seed=3, shard=(1, 2), progress=False).read_bytes() == tiny_run.read_bytes()
 
 
+def test_fixed_micro_regime_grows_n_and_meets_the_fixed_effective_rows(tmp_path: Path) -> None:
+    """Growing N at B = 2 over the trial's 16 samples meets the fixed effective batch at N = 8.
+
+    There it is the same split, so every deterministic buffer's post-scaled row is identical.
+    """
+    cfg = tiny(fixed_micro_batch=2, scalings=("post",), trials=1)
+    rows = read_csv(mg.run(cfg, tmp_path, seed=3, progress=False))
+    micro = [r for r in rows if r["regime"] == "fixed_micro"]
+    assert {int(r["n_accum"]) for r in micro} == {1, 2, 4, 8}
+    assert all(int(r["effective_batch"]) == 2 * int(r["n_accum"]) and r["micro_batch"] == "2" for r in micro)
+    key = ("compute_format", "buffer_format", "strategy")
+    fixed = {tuple(r[k] for k in key): r for r in rows if r["regime"] == "fixed_effective" and r["n_accum"] == "8"}
+    metric = ("rel_l2_error", "norm_ratio", "projection_bias", "lost_update_fraction", "quantisation_floor")
+    for r in micro:
+        if r["n_accum"] == "8" and r["strategy"] != "stochastic":
+            assert [r[c] for c in metric] == [fixed[tuple(r[k] for k in key)][c] for c in metric]
+
+
 def test_bad_config_and_cli_shard_errors(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match="does not split into N=16"):
         tiny(effective_batch=(24,)).tasks()
     with pytest.raises(ValueError, match="one entry per workload"):
         tiny(effective_batch=(16, 16)).tasks()
+    with pytest.raises(ValueError, match="fixed_micro_batch 3 must be an integer >= 1 that divides"):
+        tiny(fixed_micro_batch=3).tasks()
     for shard, needle in (("0/2", "need 1 <= I <= K"), ("1-2", "I/K (e.g. 2/8), got '1-2'")):
         assert cli.main(["run", "model-gradients", "--quick", "--shard", shard]) == 2
         err = capsys.readouterr().err.strip()
