@@ -61,6 +61,21 @@ def window(ddp: DDP, xs: torch.Tensor, ys: torch.Tensor, rank: int, n: int, *, l
     return seen
 
 
+def _misuse(xs: torch.Tensor, ys: torch.Tensor, rank: int, n: int, *, pass_ddp: bool, last_synced: bool) -> str:
+    """Run one window the wrong way; return write_grads()'s error message ("no error" if none)."""
+    model = make_model(0, torch.float64)
+    ddp = DDP(model)
+    acc = GradientAccumulator(model.parameters(), "exact", ddp=ddp if pass_ddp else None)
+    window(ddp, xs, ys, rank, n, last_synced=last_synced)
+    try:
+        acc.write_grads()
+        message = "no error"
+    except RuntimeError as e:
+        message = str(e)
+    acc.remove(discard=True)
+    return message
+
+
 def main() -> None:
     rank, world, rendezvous, out_dir, n, b = sys.argv[1:7]
     rank, world, n, b = int(rank), int(world), int(n), int(b)
@@ -94,28 +109,9 @@ def main() -> None:
     out["naive_fp32"] = [p.grad.clone() for p in model.parameters()]
 
     # 3. misuse: DDP model without ddp=: DDP all-reduces the None we left (zeros) into p.grad.
-    model = make_model(0, torch.float64)
-    ddp = DDP(model)
-    acc = GradientAccumulator(model.parameters(), "exact")
-    window(ddp, xs, ys, rank, n)
-    try:
-        acc.write_grads()
-        out["without_ddp_arg"] = "no error"
-    except RuntimeError as e:
-        out["without_ddp_arg"] = str(e)
-    acc.remove(discard=True)
-
+    out["without_ddp_arg"] = _misuse(xs, ys, rank, n, pass_ddp=False, last_synced=True)
     # 4. misuse: ddp= given, but every micro-step inside no_sync: nothing was all-reduced.
-    model = make_model(0, torch.float64)
-    ddp = DDP(model)
-    acc = GradientAccumulator(model.parameters(), "exact", ddp=ddp)
-    window(ddp, xs, ys, rank, n, last_synced=False)
-    try:
-        acc.write_grads()
-        out["never_synced"] = "no error"
-    except RuntimeError as e:
-        out["never_synced"] = str(e)
-    acc.remove(discard=True)
+    out["never_synced"] = _misuse(xs, ys, rank, n, pass_ddp=True, last_synced=False)
 
     # 5. scale= with ddp: applied to the all-reduced p.grad (a power of two: exact).
     model = make_model(0, torch.float64)
