@@ -38,6 +38,31 @@ def torch_path() -> Iterator[None]:
             os.environ[_native.ENV_VAR] = before
 
 
+def ratio_table(
+    title: str, rows: list[tuple[str, Callable[[], object]]], n: int, repeat: int, threads: int
+) -> tuple[dict[str, float], float]:
+    """Time every row, print the markdown table of ratios to the first row; return (times, baseline).
+
+    The baseline (first row) is timed again after all others; the faster of its two medians is the
+    reference, so a machine that warms up or slows down during the run does not flatter the others.
+    """
+    import platform
+
+    import torch
+
+    print(f"# {title}: n = {n:,}, threads = {threads}, median of {repeat} (2 warm-up)")
+    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {platform.processor() or platform.machine()}, "
+          f"compiled kernels: {'on' if _native.enabled() else 'OFF'}\n")  # fmt: skip
+    print("| case | ms | G elem/s | x baseline |")
+    print("| --- | ---: | ---: | ---: |")
+    times = {name: timeit(fn, repeat) for name, fn in rows}
+    again = timeit(rows[0][1], repeat)
+    base = min(times[rows[0][0]], again)
+    for name, sec in [*times.items(), ("(baseline again, after the other rows)", again)]:
+        print(f"| {name} | {sec * 1e3:.2f} | {n / sec / 1e9:.2f} | {sec / base:.2f} |")
+    return times, base
+
+
 def parse_args(description: str, *, repeat: int, n_help: str = "elements (default 16M)") -> argparse.Namespace:
     """The options every benchmark takes: --n, --threads, --repeat."""
     parser = argparse.ArgumentParser(description=description)

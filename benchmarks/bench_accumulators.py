@@ -17,11 +17,10 @@ addends), to separate the kernels from the bookkeeping ``Accumulator.add`` does 
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 
 import torch
-from _common import parse_args, timeit, torch_path
+from _common import parse_args, ratio_table, torch_path
 
 import precision_lab as pl
 from precision_lab import _native
@@ -85,17 +84,7 @@ def main() -> None:
         ("stochastic bf16 step (compiled) + kernel count", step(stochastic_step, ss, t, BF16, 7, True)),
     ]
 
-    print(f"# bench_accumulators: n = {n:,}, threads = {args.threads}, median of {args.repeat} (2 warm-up)")
-    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {platform.processor() or platform.machine()}, "
-          f"compiled kernels: {'on' if _native.enabled() else 'OFF'}\n")  # fmt: skip
-    print("| case | ms | G elem/s | x baseline |")
-    print("| --- | ---: | ---: | ---: |")
-    times = {name: timeit(fn, args.repeat) for name, fn in rows}
-    # The baseline again, after everything else: the ratios use the faster of its two medians.
-    again = timeit(rows[0][1], args.repeat)
-    base = min(times[rows[0][0]], again)
-    for name, sec in [*times.items(), ("(baseline again, after the other rows)", again)]:
-        print(f"| {name} | {sec * 1e3:.2f} | {n / sec / 1e9:.2f} | {sec / base:.2f} |")
+    times, base = ratio_table("bench_accumulators", rows, n, args.repeat, args.threads)
 
     print("\nTargets (compiled bf16 strategies, ratio to the baseline):")
     for strategy, target in TARGETS.items():

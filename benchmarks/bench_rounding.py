@@ -16,15 +16,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import platform
 import warnings
 from collections.abc import Callable
 
 import torch
-from _common import parse_args, timeit, torch_path
+from _common import parse_args, ratio_table, torch_path
 
 import precision_lab as pl
-from precision_lab import _native
 
 
 def load_torchao_sr() -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -94,17 +92,7 @@ def main() -> None:
         ("`round_toward_zero(x, 'bf16', out=buf)` (generic)", lambda: pl.round_toward_zero(x, "bf16", out=bf16)),
     ]
 
-    print(f"# bench_rounding: n = {n:,}, threads = {args.threads}, median of {args.repeat} (2 warm-up)")
-    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {platform.processor() or platform.machine()}, "
-          f"compiled kernels: {'on' if _native.enabled() else 'OFF'}\n")  # fmt: skip
-    print("| case | ms | G elem/s | x baseline |")
-    print("| --- | ---: | ---: | ---: |")
-    times = {name: timeit(fn, args.repeat) for name, fn in rows}
-    # The baseline again, after everything else: the ratios use the faster of its two medians.
-    again = timeit(rows[0][1], args.repeat)
-    base = min(times[rows[0][0]], again)
-    for name, sec in [*times.items(), ("(baseline again, after the other rows)", again)]:
-        print(f"| {name} | {sec * 1e3:.2f} | {n / sec / 1e9:.2f} | {sec / base:.2f} |")
+    times, base = ratio_table("bench_rounding", rows, n, args.repeat, args.threads)
 
     sr = times[rows[1][0]]
     print("\nTargets (compiled fp32 -> bf16 stochastic rounding):")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from precision_lab import metrics
-from precision_lab.gradients import reference_gradient
+from precision_lab.gradients import flat_gradients, reference_gradient
 from precision_lab.plotting import pyplot, save_figure
 from precision_lab.results import read_csv
 from precision_lab.sweep import run_tasks, stable_seed
@@ -63,10 +63,6 @@ class Config:
         return cls(size="quick", n_values=(1, 4, 16))
 
 
-def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1).double() for p in model.parameters()])
-
-
 def _micro(xs: torch.Tensor, ys: torch.Tensor, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return (xs[i].to(dtype) if xs.is_floating_point() else xs[i]), ys[i]
 
@@ -98,7 +94,7 @@ def _worker(rank: int, world: int, rendezvous: str, config: dict[str, Any], seed
             for i in range(world * n):
                 xi, yi = _micro(xs, ys, i, dtype)
                 (wl.loss_fn(single(xi), yi) / (world * n)).backward()
-            single_grad = _flat_grad(single)
+            single_grad = flat_gradients(single)
             for afmt in cfg.allreduce_formats:
                 for mode in MODES:
                     model = DDP(copy.deepcopy(wl.model).to(dtype))
@@ -123,7 +119,7 @@ def _worker(rank: int, world: int, rendezvous: str, config: dict[str, Any], seed
                     if acc is not None:
                         acc.write_grads()  # keeps the p.grad DDP all-reduced on the last micro-step
                         acc.remove()
-                    got = _flat_grad(model.module)
+                    got = flat_gradients(model.module)
                     total = torch.tensor([calls[0]])
                     dist.all_reduce(total)  # all ranks call the hook equally; check it
                     rows.append({"experiment": NAME, "workload": cfg.workload, "model_format": mfmt,

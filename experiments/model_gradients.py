@@ -24,7 +24,7 @@ import torch
 
 from precision_lab import metrics
 from precision_lab.gradients import GradientEngine, reference_gradient
-from precision_lab.plotting import pyplot, save_figure
+from precision_lab.plotting import pyplot, save_figure, trial_means
 from precision_lab.results import read_csv
 from precision_lab.sweep import fixed_effective, fixed_micro, power_grid, run_tasks, stable_seed
 from precision_lab.workloads import ModelWorkload, make_workload
@@ -95,11 +95,12 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
         return make_workload(w, seed=seed, size=config.size, warmup_steps=config.warmup_steps)
 
     @functools.cache
-    def data(w: str, trial: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The trial's batch (the same for every N and precision) and its fp64 gradient."""
+    def data(w: str, trial: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The trial's batch (the same for every N and precision), its fp64 gradient and its seed."""
         wl = workload(w)
-        x, y = wl.sample(batch[w], torch.Generator().manual_seed(stable_seed(seed, w, trial, "data")))
-        return x, y, reference_gradient(wl.model, wl.loss_fn, x, y, device=device)
+        data_seed = stable_seed(seed, w, trial, "data")
+        x, y = wl.sample(batch[w], torch.Generator().manual_seed(data_seed))
+        return x, y, reference_gradient(wl.model, wl.loss_fn, x, y, device=device), data_seed
 
     @functools.cache
     def engine(w: str, compute: str) -> GradientEngine:
@@ -110,7 +111,7 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
     def work(task: dict[str, Any]) -> list[dict[str, Any]]:
         w, compute, n, trial = task["workload"], task["compute_format"], task["n_accum"], task["trial"]
         regime = task["regime"]
-        x, y, ref = data(w, trial)
+        x, y, ref, data_seed = data(w, trial)
         s = config.fp16_loss_scale if compute == "fp16" else 1.0  # GradScaler-style static scale
         rows = []
         for scaling in config.scalings:
@@ -125,7 +126,7 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
                 b = batch[w] // r["n_accum"] if regime == "fixed_effective" else config.fixed_micro_batch
                 rows.append({"experiment": NAME, "workload": w, "regime": regime, "compute_format": compute,
                              "scaling": scaling, "loss_scale": s, "micro_batch": b, "effective_batch": b * r["n_accum"],
-                             "trial": trial, "seed": stable_seed(seed, w, trial, "data"), **r})  # fmt: skip
+                             "trial": trial, "seed": data_seed, **r})  # fmt: skip
         return rows
 
     return run_tasks(NAME, out_dir, config.tasks(), work, columns=COLUMNS, config=dataclasses.asdict(config),
@@ -150,13 +151,11 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
         for fmt, strategy in buffers:
             sel = [r for r in rows if (r["workload"], r["compute_format"], r["buffer_format"], r["strategy"])
                    == (w, c, fmt, strategy)]  # fmt: skip
-            ns = sorted({int(r["n_accum"]) for r in sel})
-            mean = {col: [sum(float(r[col]) for r in sel if int(r["n_accum"]) == n)
-                          / sum(1 for r in sel if int(r["n_accum"]) == n) for n in ns]
-                    for col in ("rel_l2_error", "projection_bias")}  # fmt: skip
+            ns, err = zip(*trial_means(sel, "n_accum", "rel_l2_error"), strict=True)
+            bias = [m for _, m in trial_means(sel, "n_accum", "projection_bias")]
             kw = {"color": colors[strategy], "linestyle": styles.get(fmt, "-"), "linewidth": 1.2}
-            axes[0, j].loglog(ns, mean["rel_l2_error"], label=f"{fmt} {strategy}", **kw)
-            axes[1, j].semilogx(ns, mean["projection_bias"], **kw)
+            axes[0, j].loglog(ns, err, label=f"{fmt} {strategy}", **kw)
+            axes[1, j].semilogx(ns, bias, **kw)
         axes[0, j].set_title(f"{w}, micro-gradients in {c}")
         axes[0, j].set_ylabel("relative L2 error vs fp64 large batch")
         axes[1, j].set_ylabel("projection bias <acc - ref, ref> / |ref|^2")

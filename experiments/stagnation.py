@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from precision_lab import STRATEGIES, Accumulator, get_format, metrics, theory
-from precision_lab.plotting import pyplot, save_figure
+from precision_lab.plotting import pyplot, save_figure, trial_means
 from precision_lab.results import read_csv
 from precision_lab.sweep import power_grid, run_tasks
 
@@ -108,12 +108,6 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
                      device=device, shard=shard, progress=progress)  # fmt: skip
 
 
-def _trial_mean(rows: list[dict[str, str]], n: int, column: str) -> float:
-    """Mean of ``column`` over the trials recorded at accumulation count ``n``."""
-    vals = [float(r[column]) for r in rows if int(r["n_accum"]) == n]
-    return sum(vals) / len(vals)
-
-
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     """Error and lost-update fraction vs N from stored results (no recomputation)."""
     plt = pyplot()
@@ -129,9 +123,8 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
         for fmt in formats:
             for strategy in strategies:
                 sel = [r for r in rows if (r["stream"], r["buffer_format"], r["strategy"]) == (stream, fmt, strategy)]
-                ns = sorted({int(r["n_accum"]) for r in sel})
-                err = [_trial_mean(sel, n, "rel_l2_error") for n in ns]
-                lost = [_trial_mean(sel, n, "lost_update_fraction") for n in ns]
+                ns, err = zip(*trial_means(sel, "n_accum", "rel_l2_error"), strict=True)
+                lost = [m for _, m in trial_means(sel, "n_accum", "lost_update_fraction")]
                 kw = {"color": colors[strategy], "linestyle": styles[fmt], "linewidth": 1.2}
                 axes[0, j].loglog(ns, [max(e, 1e-12) for e in err], label=f"{fmt} {strategy}", **kw)
                 axes[1, j].semilogx(ns, lost, **kw)

@@ -25,7 +25,7 @@ import torch
 
 from precision_lab._threads import intra_op_threads
 from precision_lab.gradients import flat_parameters
-from precision_lab.plotting import pyplot, save_figure
+from precision_lab.plotting import pyplot, save_figure, trial_means
 from precision_lab.results import read_csv
 from precision_lab.sweep import run_tasks, stable_seed
 from precision_lab.training import GradientAccumulator
@@ -160,13 +160,6 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
                      seed=seed, device=device, shard=shard, progress=progress)  # fmt: skip
 
 
-def _trial_mean(rows: list[dict[str, str]], key: str, col: str) -> list[tuple[int, float]]:
-    """(x, mean of ``col``) over trials, x taken from column ``key``, sorted by x."""
-    xs = sorted({int(r[key]) for r in rows})
-    return [(x, sum(float(r[col]) for r in rows if int(r[key]) == x) / sum(1 for r in rows if int(r[key]) == x))
-            for x in xs]  # fmt: skip
-
-
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     """Per workload: held-out loss vs step at the largest N, final loss and weight distance vs N."""
     plt = pyplot()
@@ -181,12 +174,12 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
         for i, label in enumerate(labels):
             mine = [r for r in rows if r["workload"] == w and r["run"] == label]
             kw = {"color": f"C{i}", "marker": "o", "markersize": 3, "linewidth": 1.2, "label": label}
-            curve = _trial_mean([r for r in mine if int(r["n_accum"]) == n_max], "step", "eval_loss")
+            curve = trial_means([r for r in mine if int(r["n_accum"]) == n_max], "step", "eval_loss")
             axes[0, j].plot(*zip(*curve, strict=True), **kw)
             final = [r for r in mine if int(r["step"]) == last]
-            axes[1, j].semilogx(*zip(*_trial_mean(final, "n_accum", "eval_loss"), strict=True), base=2, **kw)
+            axes[1, j].semilogx(*zip(*trial_means(final, "n_accum", "eval_loss"), strict=True), base=2, **kw)
             if label != "fp64":  # the reference is at distance 0 from itself
-                dist = [(n, max(d, 2.0**-40)) for n, d in _trial_mean(final, "n_accum", "weight_distance")]
+                dist = [(n, max(d, 2.0**-40)) for n, d in trial_means(final, "n_accum", "weight_distance")]
                 axes[2, j].loglog(*zip(*dist, strict=True), base=2, **kw)
         axes[0, j].set_title(f"{w}: held-out loss during training, N = {n_max}", fontsize=10)
         axes[0, j].set_xlabel("optimizer step")

@@ -82,7 +82,7 @@ import torch.nn.functional as F  # noqa: N812 (the conventional name)
 from torch import nn
 
 from precision_lab._threads import intra_op_threads
-from precision_lab.gradients import flat_parameters, split
+from precision_lab.gradients import flat_gradients, flat_parameters, split
 
 __all__ = [
     "CONVENTIONS",
@@ -248,13 +248,6 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype) if x.is_floating_point() else x
 
 
-def _flat_grad(model: nn.Module) -> torch.Tensor:
-    """The ``.grad`` of every parameter, flattened (zeros where a parameter got none), as float64."""
-    return torch.cat(
-        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for _, p in model.named_parameters()]
-    ).to(torch.float64)
-
-
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Seed the global torch RNG and use one intra-op thread for the block; restore both afterwards.
@@ -305,7 +298,7 @@ def accumulated_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n: 
     with _seeded(seed):
         for xi, yi in batches:
             (loss_fn(m(_cast(xi, dtype)), yi) / n).backward()
-    return _flat_grad(m)
+    return flat_gradients(m)
 
 
 def _optimizer_step(m: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, n: int,
@@ -445,7 +438,7 @@ def token_gradient(model: nn.Module, micro_batches: Sequence[TokenBatch], *, nor
             for b in micro_batches:
                 total, count = _token_loss_sum(m, b, dtype)
                 (total / count / n if normalisation == "mean_of_means" else total / n_tokens).backward()
-    return _flat_grad(m)
+    return flat_gradients(m)
 
 
 # -- a partial last window -----------------------------------------------------------------------
@@ -491,5 +484,5 @@ def window_gradients(model: nn.Module, micro_batches: Sequence[Batch], n: int, *
                 divide = n if mode == "divide_by_n" else len(window)
                 for xi, yi in window:
                     (loss_fn(m(_cast(xi, dtype)), yi) / divide).backward()
-            out.append(_flat_grad(m))
+            out.append(flat_gradients(m))
     return out

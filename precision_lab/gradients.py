@@ -50,7 +50,15 @@ from torch.func import functional_call, grad, vmap
 
 from precision_lab._threads import intra_op_threads
 
-__all__ = ["COMPUTE_FORMATS", "METHODS", "GradientEngine", "flat_parameters", "reference_gradient", "split"]
+__all__ = [
+    "COMPUTE_FORMATS",
+    "METHODS",
+    "GradientEngine",
+    "flat_gradients",
+    "flat_parameters",
+    "reference_gradient",
+    "split",
+]
 
 COMPUTE_FORMATS: tuple[str, ...] = ("fp64", "fp32", "bf16_autocast", "bf16", "fp16")
 METHODS: tuple[str, ...] = ("vmap", "loop")
@@ -83,6 +91,13 @@ def split(n_items: int, n_micro: int) -> int:
 def flat_parameters(model: nn.Module) -> torch.Tensor:
     """All parameters of ``model`` flattened in ``named_parameters()`` order (a copy)."""
     return torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+
+
+def flat_gradients(model: nn.Module) -> torch.Tensor:
+    """Every parameter's ``.grad`` flattened in ``named_parameters()`` order, as float64 (zeros where None)."""
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for _, p in model.named_parameters()]
+    ).to(torch.float64)
 
 
 def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["pyplot", "save_figure"]
+__all__ = ["pyplot", "save_figure", "trial_means"]
 
 
 def pyplot() -> ModuleType:
@@ -22,6 +22,14 @@ def pyplot() -> ModuleType:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def trial_means(rows: list[dict[str, str]], key: str, column: str) -> list[tuple[int, float]]:
+    """``(x, mean of column)`` over the rows (trials) sharing each integer ``x = row[key]``, sorted by x."""
+    sums: dict[int, list[float]] = {}
+    for r in rows:
+        sums.setdefault(int(r[key]), []).append(float(r[column]))
+    return [(x, sum(v) / len(v)) for x, v in sorted(sums.items())]
 
 
 def save_figure(fig: Any, fig_dir: str | Path, name: str) -> Path:

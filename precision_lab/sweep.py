@@ -28,6 +28,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import platform
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +41,7 @@ from precision_lab import metrics
 from precision_lab.accumulators import Accumulator
 from precision_lab.formats import get_format
 from precision_lab.gradients import GradientEngine, split
-from precision_lab.results import atomic_write_text, environment, remove_stale_temporaries, write_csv, write_metadata
+from precision_lab.results import atomic_write_text, remove_stale_temporaries, write_csv, write_metadata
 from precision_lab.rounding import round_nearest
 
 __all__ = [
@@ -301,9 +302,8 @@ def code_digest() -> str:
 
 
 def _fingerprint(experiment: str, config: Mapping[str, Any], seed: int, device: str, columns: Sequence[str]) -> str:
-    env = environment(device)
     key = {"experiment": experiment, "config": config, "seed": seed, "device": device, "columns": list(columns),
-           "code": code_digest(), "torch": env["torch"], "python": env["python"]}  # fmt: skip
+           "code": code_digest(), "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
