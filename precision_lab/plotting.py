@@ -1,8 +1,14 @@
-"""Figure helpers shared by the experiments: a headless backend and one way to save.
+"""Figure helpers shared by the experiments: one colour-blind-safe style and one way to save.
 
-Experiments build their figures from stored results only (``plot(out_dir, fig_dir)``); this module
-gives them the pyplot module on the Agg backend and saves a figure with stable bytes (no software
-version string in the PNG metadata).
+Experiments build their figures from stored results only (``plot(out_dir, fig_dir)``).  This module
+gives them the pyplot module on the Agg backend with the project style applied, the colours of the
+strategies and the line styles of the formats (the same in every figure), and saves each figure as
+a PNG (for the README) plus an SVG vector copy, both with stable bytes (no version or date in the
+metadata, a fixed SVG id salt).
+
+Colours are the Okabe-Ito palette (Okabe & Ito, "Color Universal Design", 2008), distinguishable
+under the common colour-vision deficiencies; formats are told apart by line style as well, so no
+figure relies on colour alone.
 """
 
 from __future__ import annotations
@@ -11,17 +17,71 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["pyplot", "save_figure", "trial_means"]
+__all__ = ["FORMAT_STYLES", "PALETTE", "STRATEGY_COLORS", "buffer_style", "pyplot", "save_figure", "trial_means"]
+
+# Okabe-Ito, in the order the default colour cycle uses them.
+PALETTE: dict[str, str] = {
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "green": "#009E73",
+    "orange": "#E69F00",
+    "purple": "#CC79A7",
+    "sky": "#56B4E9",
+    "yellow": "#F0E442",
+    "black": "#000000",
+}
+STRATEGY_COLORS: dict[str, str] = {
+    "naive": PALETTE["vermillion"],
+    "kahan": PALETTE["blue"],
+    "stochastic": PALETTE["orange"],
+    "pairwise": PALETTE["green"],
+    "exact": PALETTE["black"],
+}
+FORMAT_STYLES: dict[str, Any] = {
+    "fp64": "-.",
+    "fp32": "-",
+    "tf32": (0, (6, 2)),
+    "bf16": "--",
+    "fp16": ":",
+    "fp8_e4m3": (0, (3, 1, 1, 1)),
+    "fp8_e5m2": (0, (1, 3)),
+}
+
+_STYLE = {
+    "axes.prop_cycle": None,  # filled in by pyplot() (needs matplotlib's cycler)
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 7,
+    "legend.framealpha": 0.9,
+    "lines.linewidth": 1.3,
+    "figure.titlesize": 11,
+    "svg.hashsalt": "precision_lab",  # stable element ids: the same figure gives the same SVG bytes
+    "svg.fonttype": "none",  # text stays text in the vector copy
+}
 
 
 def pyplot() -> ModuleType:
-    """``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, with the project style applied."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from cycler import cycler
 
+    matplotlib.rcParams.update({**_STYLE, "axes.prop_cycle": cycler(color=list(PALETTE.values()))})
     return plt
+
+
+def buffer_style(fmt: str, strategy: str) -> dict[str, Any]:
+    """Line keywords of a (buffer format, strategy) curve: colour by strategy, line style by format."""
+    return {"color": STRATEGY_COLORS.get(strategy, PALETTE["purple"]), "linestyle": FORMAT_STYLES.get(fmt, "-")}
 
 
 def trial_means(rows: list[dict[str, str]], key: str, column: str) -> list[tuple[int, float]]:
@@ -33,12 +93,17 @@ def trial_means(rows: list[dict[str, str]], key: str, column: str) -> list[tuple
 
 
 def save_figure(fig: Any, fig_dir: str | Path, name: str) -> Path:
-    """Lay out, save as ``fig_dir/name.png`` (120 dpi, no version metadata) and close ``fig``."""
+    """Lay out, save ``fig_dir/name.png`` (150 dpi) and the vector copy ``name.svg``, close ``fig``.
+
+    Returns the PNG's path.  Neither file carries a software version or date, so the same figure
+    gives the same bytes.
+    """
     plt = pyplot()
     fig.tight_layout()
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     path = fig_dir / f"{name}.png"
-    fig.savefig(path, dpi=120, metadata={"Software": None})  # no version string: stable bytes
+    fig.savefig(path, dpi=150, metadata={"Software": None})
+    fig.savefig(fig_dir / f"{name}.svg", metadata={"Creator": None, "Date": None})
     plt.close(fig)
     return path
