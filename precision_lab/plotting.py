@@ -17,7 +17,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["FORMAT_STYLES", "PALETTE", "STRATEGY_COLORS", "buffer_style", "pyplot", "save_figure", "trial_means"]
+from precision_lab.metrics import summarize
+
+__all__ = [
+    "FORMAT_STYLES",
+    "PALETTE",
+    "STRATEGY_COLORS",
+    "buffer_style",
+    "pyplot",
+    "save_figure",
+    "trial_intervals",
+    "trial_means",
+]
 
 # Okabe-Ito, in the order the default colour cycle uses them.
 PALETTE: dict[str, str] = {
@@ -92,6 +103,22 @@ def trial_means(rows: list[dict[str, str]], key: str, column: str) -> list[tuple
     return [(x, sum(v) / len(v)) for x, v in sorted(sums.items())]
 
 
+def trial_intervals(rows: list[dict[str, str]], key: str, column: str,
+                    confidence: float = 0.95) -> list[tuple[int, float, float, float]]:  # fmt: skip
+    """``(x, mean, ci_low, ci_high)`` over the trials sharing each ``x``, sorted by x.
+
+    The interval is :func:`precision_lab.metrics.summarize`'s Student-t one (NaN ends with one trial).
+    """
+    groups: dict[int, list[float]] = {}
+    for r in rows:
+        groups.setdefault(int(r[key]), []).append(float(r[column]))
+    out = []
+    for x, values in sorted(groups.items()):
+        s = summarize(values, confidence)
+        out.append((x, s.mean, s.ci_low, s.ci_high))
+    return out
+
+
 def save_figure(fig: Any, fig_dir: str | Path, name: str) -> Path:
     """Lay out, save ``fig_dir/name.png`` (150 dpi) and the vector copy ``name.svg``, close ``fig``.
 
@@ -103,7 +130,8 @@ def save_figure(fig: Any, fig_dir: str | Path, name: str) -> Path:
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     path = fig_dir / f"{name}.png"
-    fig.savefig(path, dpi=150, metadata={"Software": None})
-    fig.savefig(fig_dir / f"{name}.svg", metadata={"Creator": None, "Date": None})
+    # bbox "tight": legends placed outside the axes are kept in the file
+    fig.savefig(path, dpi=150, metadata={"Software": None}, bbox_inches="tight")
+    fig.savefig(fig_dir / f"{name}.svg", metadata={"Creator": None, "Date": None}, bbox_inches="tight")
     plt.close(fig)
     return path
