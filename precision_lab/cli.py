@@ -37,11 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="rebuild an experiment's figures from stored results")
     pl.add_argument("experiment")
     pl.add_argument("--out", default="results")
-    rp = sub.add_parser("reproduce", help="run every experiment and build every figure")
+    rp = sub.add_parser("reproduce", help="run every experiment, build every figure and write the claims report")
     rp.add_argument("--quick", action="store_true")
     rp.add_argument("--out", default="results")
+    rp.add_argument("--figures", default=None, metavar="DIR",
+                    help="where the figures and CLAIMS.md go (default: figures/ for the full run, OUT/figures "
+                    "with --quick)")  # fmt: skip
     rp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     rp.add_argument("--seed", type=_seed, default=0)
+    rr = sub.add_parser("report", help="write CLAIMS.md from stored results (no recomputation)")
+    rr.add_argument("--out", default="results")
+    rr.add_argument("--figures", default=None, metavar="DIR", help="where CLAIMS.md goes (default: OUT/figures)")
     return p
 
 
@@ -61,11 +67,18 @@ def _run(name: str, *, quick: bool, out: Path, device: str, seed: int, shard: st
     return True
 
 
-def _plot(name: str, out: Path) -> None:
+def _plot(name: str, out: Path, fig_dir: Path) -> None:
     from experiments import get_experiment
 
-    for path in get_experiment(name).plot(out / name, out / "figures"):
+    for path in get_experiment(name).plot(out / name, fig_dir):
         print(f"{name}: figure {path}")
+
+
+def _report(out: Path, fig_dir: Path, header: str) -> None:
+    from experiments import REGISTRY
+    from experiments.claims import write_report
+
+    print(f"claims report: {write_report(out, fig_dir, sorted(REGISTRY), header=header)}")
 
 
 def _seed(text: str) -> int:
@@ -94,11 +107,18 @@ def main(argv: list[str] | None = None) -> int:
             _run(args.experiment, quick=args.quick, out=Path(args.out), device=args.device, seed=args.seed,
                  shard=args.shard)  # fmt: skip
         elif args.command == "plot":
-            _plot(args.experiment, Path(args.out))
+            _plot(args.experiment, Path(args.out), Path(args.out) / "figures")
+        elif args.command == "report":
+            _report(Path(args.out), Path(args.figures or Path(args.out) / "figures"), "")
         else:
+            out = Path(args.out)
+            fig_dir = Path(args.figures or (out / "figures" if args.quick else "figures"))
             for name in sorted(REGISTRY):
-                _run(name, quick=args.quick, out=Path(args.out), device=args.device, seed=args.seed)
-                _plot(name, Path(args.out))
+                _run(name, quick=args.quick, out=out, device=args.device, seed=args.seed)
+                _plot(name, out, fig_dir)
+            size = "quick sizes (`--quick`)" if args.quick else "full sizes"
+            _report(out, fig_dir, f"Written by `precision-lab reproduce{' --quick' if args.quick else ''}` "
+                    f"({size}, seed {args.seed}, device {args.device}) from the results in `{out}/`.")  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
         print(f"precision-lab: error: {exc}", file=sys.stderr)
         return 2
