@@ -25,7 +25,7 @@ import torch
 
 from precision_lab._threads import intra_op_threads
 from precision_lab.gradients import flat_parameters
-from precision_lab.plotting import pyplot, save_figure, trial_means
+from precision_lab.plotting import PALETTE, buffer_style, pyplot, save_figure, trial_means
 from precision_lab.results import read_csv
 from precision_lab.sweep import run_tasks, stable_seed
 from precision_lab.training import GradientAccumulator
@@ -161,34 +161,50 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
 
 
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
-    """Per workload: held-out loss vs step at the largest N, final loss and weight distance vs N."""
+    """Per workload: held-out loss vs step at the largest N; final loss gap to fp64 and weight distance vs N.
+
+    The runs overlap at the scale of the loss itself, so rows 2 and 3 show differences from the fp64
+    run, and every run has its own marker (coinciding runs stay visible as overlaid markers).
+    """
     plt = pyplot()
 
     rows = read_csv(Path(out_dir) / "results.csv")
     workloads = sorted({r["workload"] for r in rows})
-    labels = [r[0] for r in RUNS if any(x["run"] == r[0] for x in rows)]
+    runs = [r for r in RUNS if any(x["run"] == r[0] for x in rows)]
     last = max(int(r["step"]) for r in rows)
     fig, axes = plt.subplots(3, len(workloads), figsize=(5.5 * len(workloads), 10), squeeze=False)
+    markers = dict(zip((r[0] for r in RUNS), "ovs^Dx+", strict=True))
     for j, w in enumerate(workloads):
         n_max = max(int(r["n_accum"]) for r in rows if r["workload"] == w)
-        for i, label in enumerate(labels):
+        final = [r for r in rows if r["workload"] == w and int(r["step"]) == last]
+        fp64 = dict(trial_means([r for r in final if r["run"] == "fp64"], "n_accum", "eval_loss"))
+        for label, param, buffer, strategy in runs:
             mine = [r for r in rows if r["workload"] == w and r["run"] == label]
-            kw = {"color": f"C{i}", "marker": "o", "markersize": 3, "linewidth": 1.2, "label": label}
+            color = (
+                PALETTE["purple"] if (param, buffer) == ("bf16", "fp32") else buffer_style(buffer, strategy)["color"]
+            )
+            kw = {"color": color, "marker": markers[label], "markersize": 5, "markerfacecolor": "none",
+                  "linewidth": 1.1, "linestyle": "-" if param != "bf16" else "--", "label": label}  # fmt: skip
             curve = trial_means([r for r in mine if int(r["n_accum"]) == n_max], "step", "eval_loss")
             axes[0, j].plot(*zip(*curve, strict=True), **kw)
-            final = [r for r in mine if int(r["step"]) == last]
-            axes[1, j].semilogx(*zip(*trial_means(final, "n_accum", "eval_loss"), strict=True), base=2, **kw)
-            if label != "fp64":  # the reference is at distance 0 from itself
-                dist = [(n, max(d, 2.0**-40)) for n, d in trial_means(final, "n_accum", "weight_distance")]
-                axes[2, j].loglog(*zip(*dist, strict=True), base=2, **kw)
+            if label == "fp64":  # the reference: at distance 0 from itself
+                continue
+            mine_final = [r for r in final if r["run"] == label]
+            gap = [(n, m - fp64[n]) for n, m in trial_means(mine_final, "n_accum", "eval_loss")]
+            axes[1, j].plot(*zip(*gap, strict=True), **kw)
+            dist = [(n, max(d, 1e-12)) for n, d in trial_means(mine_final, "n_accum", "weight_distance")]
+            axes[2, j].plot(*zip(*dist, strict=True), **kw)
         axes[0, j].set_title(f"{w}: held-out loss during training, N = {n_max}", fontsize=10)
         axes[0, j].set_xlabel("optimizer step")
         axes[0, j].set_ylabel("held-out loss (nats)")
         axes[1, j].set_title(f"{w}: after {last} optimizer steps", fontsize=10)
-        axes[1, j].set_ylabel("held-out loss (nats)")
+        axes[1, j].set_ylabel("held-out loss - fp64 run's (nats)")
+        axes[1, j].axhline(0.0, color="k", linewidth=0.6)
         axes[2, j].set_ylabel("|w - w_fp64| / |w_fp64| (trial mean)")
+        axes[2, j].set_yscale("log")
         for ax in axes[1:, j]:
+            ax.set_xscale("log", base=2)
             ax.set_xlabel("accumulation count N (micro-batches per step)")
-    axes[0, -1].legend(fontsize=7)
-    fig.suptitle("Training with bf16 parameters: which accumulation buffer, from which N?", fontsize=11)
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: hides no data
+    fig.suptitle("Training with bf16 parameters: which accumulation buffer, from which N? (mean of trials)")
     return [save_figure(fig, fig_dir, NAME)]
