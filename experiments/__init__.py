@@ -18,6 +18,7 @@ __all__ = ["REGISTRY", "get_experiment"]
 REGISTRY: dict[str, str] = {
     "ddp": "experiments.ddp",
     "equivalence": "experiments.equivalence",
+    "memory-pareto": "experiments.memory_pareto",
     "model-gradients": "experiments.model_gradients",
     "stagnation": "experiments.stagnation",
     "training": "experiments.training",

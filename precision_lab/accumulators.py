@@ -274,7 +274,12 @@ class Accumulator:
 
     @property
     def arrays(self) -> int:
-        """Number of format-sized arrays the strategy keeps (pairwise: slots in use at most)."""
+        """Number of format-sized arrays the strategy keeps.
+
+        Pairwise: the slot positions allocated so far, floor(log2 n) + 1 after n adds. That is the
+        peak number of live partial sums, floor(log2(n + 1)), plus one when n is a power of two
+        (the last carry frees every slot but the top one).
+        """
         if self.strategy == "kahan":
             return 2
         if self.strategy == "pairwise":

@@ -7,6 +7,7 @@ code 2 and one line naming the valid choices.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                     "with --quick)")  # fmt: skip
     rp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     rp.add_argument("--seed", type=_seed, default=0)
+    rp.add_argument("--jobs", type=_jobs, default=1, metavar="K",
+                    help="run each experiment as K shard processes at once (default 1); the bytes do not change")  # fmt: skip
     rr = sub.add_parser("report", help="write CLAIMS.md from stored results (no recomputation)")
     rr.add_argument("--out", default="results")
     rr.add_argument("--figures", default=None, metavar="DIR", help="where CLAIMS.md goes (default: OUT/figures)")
@@ -65,6 +68,30 @@ def _run(name: str, *, quick: bool, out: Path, device: str, seed: int, shard: st
         return False
     print(f"{name}: results in {path}")
     return True
+
+
+def _run_parallel(name: str, *, jobs: int, quick: bool, out: Path, device: str, seed: int) -> None:
+    """Run ``jobs`` shard processes of one experiment at once, then merge them in this process."""
+    if jobs > 1:
+        base = [sys.executable, "-m", "precision_lab.cli", "run", name, "--out", str(out), "--device", device,
+                "--seed", str(seed), *(["--quick"] if quick else [])]  # fmt: skip
+        procs = [subprocess.Popen([*base, "--shard", f"{i}/{jobs}"], stdout=subprocess.DEVNULL)
+                 for i in range(1, jobs + 1)]  # fmt: skip
+        failed = [i + 1 for i, p in enumerate(procs) if p.wait() != 0]
+        if failed:
+            raise ValueError(f"{name}: shard process(es) {failed} of {jobs} failed (see their messages above)")
+    _run(name, quick=quick, out=out, device=device, seed=seed)
+
+
+def _jobs(text: str) -> int:
+    """``--jobs``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--jobs must be >= 1, got {value}")
+    return value
 
 
 def _plot(name: str, out: Path, fig_dir: Path) -> None:
@@ -114,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.out)
             fig_dir = Path(args.figures or (out / "figures" if args.quick else "figures"))
             for name in sorted(REGISTRY):
-                _run(name, quick=args.quick, out=out, device=args.device, seed=args.seed)
+                _run_parallel(name, jobs=args.jobs, quick=args.quick, out=out, device=args.device, seed=args.seed)
                 _plot(name, out, fig_dir)
             size = "quick sizes (`--quick`)" if args.quick else "full sizes"
             _report(out, fig_dir, f"Written by `precision-lab reproduce{' --quick' if args.quick else ''}` "

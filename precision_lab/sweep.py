@@ -282,28 +282,37 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, k
 
 
-@functools.cache
-def code_digest() -> str:
-    """sha256 (16 hex digits) of every ``.py`` file of ``precision_lab`` and ``experiments``, as on disk.
+# Modules that never touch a result's numbers or bytes: editing a figure or the command line must not
+# invalidate hours of finished sweeps.
+_PRESENTATION = ("plotting.py", "cli.py")
 
-    Part of the sweep fingerprint, so that edited code (committed or not, installed from git or
-    not) never reuses parts computed by other code.
+
+@functools.cache
+def code_digest(module: str | None = None) -> str:
+    """sha256 (16 hex digits) of the code that computes a sweep's results, as on disk.
+
+    Hashes every ``.py`` file of ``precision_lab`` except the presentation-only modules
+    (``plotting.py``, ``cli.py``), plus the experiment module ``module`` (a module name such as
+    ``"experiments.training"``; None: every ``experiments/*.py``).  Part of the sweep fingerprint, so
+    that edited code (committed or not, installed from git or not) never reuses parts computed by
+    other code, while editing one experiment or a figure leaves the other experiments' parts valid.
     """
     h = hashlib.sha256()
     package = Path(__file__).resolve().parent
-    roots = [package]
-    spec = importlib.util.find_spec("experiments")
+    files = [f for f in sorted(package.rglob("*.py")) if f.relative_to(package).as_posix() not in _PRESENTATION]
+    spec = importlib.util.find_spec(module or "experiments")
     if spec is not None and spec.origin is not None:
-        roots.append(Path(spec.origin).resolve().parent)
-    for root in roots:
-        for f in sorted(root.rglob("*.py")):
-            h.update(f.relative_to(root.parent).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+        origin = Path(spec.origin).resolve()
+        files += [origin] if module else sorted(origin.parent.rglob("*.py"))
+    for f in files:
+        h.update(f.relative_to(package.parent).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
-def _fingerprint(experiment: str, config: Mapping[str, Any], seed: int, device: str, columns: Sequence[str]) -> str:
+def _fingerprint(experiment: str, config: Mapping[str, Any], seed: int, device: str, columns: Sequence[str],
+                 module: str | None) -> str:  # fmt: skip
     key = {"experiment": experiment, "config": config, "seed": seed, "device": device, "columns": list(columns),
-           "code": code_digest(), "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
+           "code": code_digest(module), "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -345,7 +354,11 @@ def run_tasks(experiment: str, out_dir: str | Path, tasks: Sequence[Mapping[str,
         The path of ``results.csv`` once every task of the grid is finished, else None.
     """
     out = Path(out_dir)
-    fingerprint = _fingerprint(experiment, config, seed, device, columns)
+    # The experiment's own module is hashed, not every experiment's: by convention experiment "a-b"
+    # lives in ``experiments.a_b``; a name without such a module hashes every experiment module.
+    module = "experiments." + experiment.replace("-", "_")
+    module = module if importlib.util.find_spec("experiments") and importlib.util.find_spec(module) else None
+    fingerprint = _fingerprint(experiment, config, seed, device, columns, module)
     parts = out / ".parts" / fingerprint
     parts.mkdir(parents=True, exist_ok=True)
     _drop_stale_results(out, fingerprint)
@@ -380,5 +393,5 @@ def run_tasks(experiment: str, out_dir: str | Path, tasks: Sequence[Mapping[str,
     started = datetime.fromisoformat(started_file.read_text().strip())
     write_metadata(out / "metadata.json", config={**config, "tasks": len(tasks), "parts": str(parts.relative_to(out))},
                    seed=seed, device=device, started=started,
-                   extra={"experiment": experiment, "fingerprint": fingerprint, "code": code_digest()})  # fmt: skip
+                   extra={"experiment": experiment, "fingerprint": fingerprint, "code": code_digest(module)})  # fmt: skip
     return out / "results.csv"

@@ -264,3 +264,33 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_bytes(tmp_path: Path) -> Non
     assert len(calls) == KILL_TASKS - finished  # only the unfinished tasks were computed
     assert out.read_bytes() == reference
     assert not list(victim.rglob("*.tmp"))  # the killed writer's temporary is gone
+
+
+def test_code_digest_covers_the_computing_code_only(tmp_path: Path) -> None:
+    """Editing a figure, the CLI or another experiment keeps an experiment's digest; editing numerics does not."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(sweep.__file__).resolve().parents[1]
+    for pkg in ("precision_lab", "experiments"):
+        shutil.copytree(root / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = "from precision_lab.sweep import code_digest; print(code_digest('experiments.training'))"
+
+    def digest() -> str:
+        out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return out.stdout.strip()
+
+    first = digest()
+    for f in ("precision_lab/plotting.py", "precision_lab/cli.py", "experiments/ddp.py"):
+        with open(tmp_path / f, "a") as fh:
+            fh.write("# edited\n")
+    assert digest() == first
+    with open(tmp_path / "precision_lab/rounding.py", "a") as fh:
+        fh.write("# edited\n")
+    second = digest()
+    assert second != first
+    with open(tmp_path / "experiments/training.py", "a") as fh:
+        fh.write("# edited\n")
+    assert digest() != second
