@@ -321,7 +321,7 @@ def _sr_bf16_torch(x: torch.Tensor, key: int, random_bits: int) -> torch.Tensor:
 def _finish_sr_bf16(x: torch.Tensor, key: int, random_bits: int, out: torch.Tensor | None) -> torch.Tensor:
     from precision_lab import _native
 
-    if x.device.type == "cpu" and _native.enabled():
+    if x.device.type == "cpu" and _native.enabled(x.numel()):
         xc = x.contiguous()
         if out is not None and out.is_contiguous():
             _native.sr_bf16(xc, out, key, random_bits)
