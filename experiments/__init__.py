@@ -14,13 +14,13 @@ from types import ModuleType
 
 __all__ = ["REGISTRY", "get_experiment"]
 
-# name -> module; the issue tracker adds summation, model-gradients, underflow, ... as they land.
+# name -> module (experiment "a-b" lives in experiments/a_b.py: the sweep fingerprint relies on it)
 REGISTRY: dict[str, str] = {
     "ddp": "experiments.ddp",
     "equivalence": "experiments.equivalence",
     "memory-pareto": "experiments.memory_pareto",
     "model-gradients": "experiments.model_gradients",
-    "stagnation": "experiments.stagnation",
+    "summation": "experiments.summation",
     "training": "experiments.training",
 }
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from experiments import stagnation
+from experiments import summation
 from precision_lab import metrics, sweep
 from precision_lab.gradients import GradientEngine, reference_gradient
 from precision_lab.sweep import accumulate, fixed_micro, parse_shard, power_grid, run_tasks, stable_seed, stream
@@ -225,16 +225,16 @@ def test_a_part_with_other_columns_is_refused(tmp_path: Path) -> None:
         run_tasks("t", tmp_path, _tasks(2), _work([]), columns=("i", "j", "x"), **kw)
 
 
-KILL_CONFIG = "stagnation.Config(formats=('bf16', 'fp16'), streams=('low_snr',), n_max=512, elements=256, trials=3)"
+KILL_CONFIG = "summation.Config(formats=('bf16', 'fp16'), streams=('low_snr',), n_max=512, elements=256, trials=3)"
 KILL_TASKS = 6
 
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_bytes(tmp_path: Path) -> None:
     cfg = eval(KILL_CONFIG)  # noqa: S307 - one literal shared with the child process below
-    reference = stagnation.run(cfg, tmp_path / "ref", seed=1, progress=False).read_bytes()
+    reference = summation.run(cfg, tmp_path / "ref", seed=1, progress=False).read_bytes()
     victim = tmp_path / "victim"
-    code = (f"from experiments import stagnation\n"
-            f"stagnation.run({KILL_CONFIG}, {str(victim)!r}, seed=1, progress=False)\n")  # fmt: skip
+    code = (f"from experiments import summation\n"
+            f"summation.run({KILL_CONFIG}, {str(victim)!r}, seed=1, progress=False)\n")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     deadline = time.monotonic() + 120
@@ -250,17 +250,17 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_bytes(tmp_path: Path) -> Non
     assert 2 <= finished < KILL_TASKS
     assert not (victim / "results.csv").exists()
     calls = []
-    original = stagnation.run_tasks
+    original = summation.run_tasks
 
     def counting(*args, **kwargs):
         work = args[3]
         return original(*args[:3], lambda t: calls.append(t) or work(t), *args[4:], **kwargs)
 
-    stagnation.run_tasks = counting
+    summation.run_tasks = counting
     try:
-        out = stagnation.run(cfg, victim, seed=1, progress=False)
+        out = summation.run(cfg, victim, seed=1, progress=False)
     finally:
-        stagnation.run_tasks = original
+        summation.run_tasks = original
     assert len(calls) == KILL_TASKS - finished  # only the unfinished tasks were computed
     assert out.read_bytes() == reference
     assert not list(victim.rglob("*.tmp"))  # the killed writer's temporary is gone
