@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "equivalence": "experiments.equivalence",
     "memory-pareto": "experiments.memory_pareto",
     "model-gradients": "experiments.model_gradients",
+    "overhead": "experiments.overhead",
     "summation": "experiments.summation",
     "training": "experiments.training",
 }

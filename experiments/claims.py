@@ -307,12 +307,17 @@ def _c8(res: Results) -> Verdict:
         fast_large.append(bool(ok))
         memory_falls.append(float(by_n[n_max]["peak_bytes"]) < float(by_n[1]["peak_bytes"]))
         v.evidence.append(
-            f"{w}, E = {mine[0]['effective_batch']}: time per effective batch "
-            + ", ".join(f"N = {n}: {1 + over[n]:.2f}x" for n in sorted(over))
-            + f"; peak memory {float(by_n[1]['peak_bytes']) / 2**20:.1f} MiB at N = 1 -> "
-            f"{float(by_n[n_max]['peak_bytes']) / 2**20:.1f} MiB at N = {n_max}"
-            + f" ({mine[0]['device']}, {mine[0]['threads']} threads)"
+            f"{w}, E = {mine[0]['effective_batch']} ({mine[0]['device']}, {mine[0]['threads']} thread(s)): time per "
+            "effective batch vs N = 1: "
+            + ", ".join(f"N = {n} (micro-batch {by_n[n]['micro_batch']}) {1 + over[n]:.2f}x" for n in sorted(over))
+            + f"; peak memory {float(by_n[1]['peak_bytes']) / 2**20:.2f} MiB at N = 1, "
+            f"{float(by_n[n_max]['peak_bytes']) / 2**20:.2f} MiB at N = {n_max}"
         )
+        buffers = sorted({(r["mode"], r["time_vs_pytorch"]) for r in res["overhead"] or []
+                          if r["workload"] == w and int(r["n_accum"]) == n_max and r["mode"] != "pytorch"})  # fmt: skip
+        if buffers:
+            v.evidence.append(f"{w}, N = {n_max}: GradientAccumulator time / PyTorch's: "
+                              + ", ".join(f"{m} {float(t):.2f}x" for m, t in buffers))  # fmt: skip
     if all(memory_falls):
         v.verdict = CONDITIONAL if any(slower_small) and any(fast_large) else (HOLDS if any(slower_small) else FAILS)
     else:
@@ -375,9 +380,10 @@ def _c10(res: Results) -> Verdict:
             v.evidence.append(f"{w}, N = {n_max}: {fmt} " + ", ".join(parts) + f" vs fp32 naive {_g(fp32)}")
     if ratios:
         v.verdict = FAILS if min(ratios) > 10 else (HOLDS if max(ratios) <= 2 else CONDITIONAL)
-    v.evidence.append("Kahan brings a bf16 buffer down to about bf16's own floor (the truth rounded once), no "
-                      "further: it cannot store more digits than the format has. Stochastic rounding removes the "
-                      "bias of stagnation but adds variance, and is worse than round-to-nearest until stagnation")  # fmt: skip
+    v.evidence.append("Kahan brings a bf16 buffer down to the error of rounding each addend to bf16 (the input "
+                      "floor), no further: every micro-gradient is rounded to the buffer format before it is added. "
+                      "Stochastic rounding removes the bias of stagnation but adds variance, and is worse than "
+                      "round-to-nearest until stagnation")  # fmt: skip
     pareto = res.get("memory-pareto")
     if pareto is not None:
         v.figures.append("memory_pareto.png")

@@ -72,6 +72,10 @@ def _run(name: str, *, quick: bool, out: Path, device: str, seed: int, shard: st
 
 def _run_parallel(name: str, *, jobs: int, quick: bool, out: Path, device: str, seed: int) -> None:
     """Run ``jobs`` shard processes of one experiment at once, then merge them in this process."""
+    from experiments import get_experiment
+
+    if getattr(get_experiment(name), "SERIAL", False):
+        jobs = 1  # its measurements (wall times) must not compete with other processes
     if jobs > 1:
         base = [sys.executable, "-m", "precision_lab.cli", "run", name, "--out", str(out), "--device", device,
                 "--seed", str(seed), *(["--quick"] if quick else [])]  # fmt: skip

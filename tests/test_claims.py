@@ -108,8 +108,9 @@ def test_c10_verdict_compares_with_fp32() -> None:
 
 
 def test_c8_and_c9_from_their_experiments() -> None:
-    overhead = [{"workload": "mlp", "mode": "pytorch", "n_accum": str(n), "effective_batch": "1024", "device": "cpu",
-                 "threads": "1", "time_ratio": repr(t), "peak_bytes": repr(p)}
+    overhead = [{"workload": "mlp", "mode": "pytorch", "n_accum": str(n), "micro_batch": str(1024 // n),
+                 "effective_batch": "1024", "device": "cpu", "threads": "1", "time_ratio": repr(t), "peak_bytes": repr(p),
+                 "time_vs_pytorch": "1.0"}
                 for n, t, p in ((1, 1.0, 8e6), (4, 1.05, 3e6), (256, 3.0, 1e6))]  # fmt: skip
     assert _by_claim({"overhead": overhead})["C8"].verdict == claims.CONDITIONAL
     overhead[-1]["peak_bytes"] = "9e6"  # memory no longer saved
