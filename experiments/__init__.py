@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "overhead": "experiments.overhead",
     "summation": "experiments.summation",
     "training": "experiments.training",
+    "underflow": "experiments.underflow",
 }
 
 

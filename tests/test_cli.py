@@ -26,7 +26,7 @@ def test_list_names_every_registered_experiment(capsys: pytest.CaptureFixture[st
     [
         (
             ["run", "no-such-experiment"],
-            "unknown experiment 'no-such-experiment'; known: ddp, equivalence, memory-pareto, model-gradients, overhead, summation, training",
+            "unknown experiment 'no-such-experiment'; known: ddp, equivalence, memory-pareto, model-gradients, overhead, summation, training, underflow",
         ),
         (["run", "summation", "--device", "tpu"], "invalid choice: 'tpu'"),
         (["run", "summation", "--seed", "x"], "invalid int value: 'x'"),
