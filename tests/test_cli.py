@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,19 @@ def test_list_names_every_registered_experiment(capsys: pytest.CaptureFixture[st
         (["run", "summation", "--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
         (["run", "summation", "--seed", str(2**64)], "--seed must be in [0, 2**63)"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["reproduce", "--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["reproduce", "--jobs", "two"], "invalid int value: 'two'"),
     ],
-    ids=["unknown-experiment", "bad-device", "bad-seed", "negative-seed", "huge-seed", "bad-command"],
+    ids=[
+        "unknown-experiment",
+        "bad-device",
+        "bad-seed",
+        "negative-seed",
+        "huge-seed",
+        "bad-command",
+        "zero-jobs",
+        "bad-jobs",
+    ],
 )
 def test_bad_input_exits_2_with_one_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     try:  # argparse's own errors raise SystemExit(2); ours return 2
@@ -93,6 +105,31 @@ def test_plot_reads_stored_results(tmp_path: Path) -> None:
     summation.run(TINY, tmp_path / "summation", seed=0)
     paths = get_experiment("summation").plot(tmp_path / "summation", tmp_path / "figures")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+def test_jobs_shards_give_the_single_process_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``reproduce --jobs 2``: one shard command per job with the cores split, then a merge; same bytes."""
+    single = summation.run(TINY, tmp_path / "one" / "summation", seed=5, progress=False).read_bytes()
+    monkeypatch.setattr(summation.Config, "quick", classmethod(lambda cls: TINY))
+    launched = []
+    real_popen = subprocess.Popen
+
+    class InProcess:  # runs a shard command here, so that it sees the patched quick config
+        def __init__(self, argv: list[str], stdout: object, env: dict[str, str]) -> None:
+            launched.append((argv[argv.index("--shard") + 1], env["OMP_NUM_THREADS"], env["NUMBA_NUM_THREADS"]))
+            self.rc = cli.main(argv[3:])
+
+        def wait(self) -> int:
+            return self.rc
+
+    def popen(argv: list[str], **kw: object) -> object:  # other commands (git) run for real
+        return InProcess(argv, **kw) if "--shard" in argv else real_popen(argv, **kw)
+
+    monkeypatch.setattr(cli.subprocess, "Popen", popen)
+    cli._run_parallel("summation", jobs=2, quick=True, out=tmp_path / "two", device="cpu", seed=5)
+    per = str(max(1, (os.cpu_count() or 1) // 2))
+    assert launched == [("1/2", per, per), ("2/2", per, per)]
+    assert (tmp_path / "two" / "summation" / "results.csv").read_bytes() == single
 
 
 def test_plot_without_results_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
