@@ -180,9 +180,8 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
         fp64 = dict(trial_means([r for r in final if r["run"] == "fp64"], "n_accum", "eval_loss"))
         for label, param, buffer, strategy in runs:
             mine = [r for r in rows if r["workload"] == w and r["run"] == label]
-            color = (
-                PALETTE["purple"] if (param, buffer) == ("bf16", "fp32") else buffer_style(buffer, strategy)["color"]
-            )
+            own = {"fp64": PALETTE["black"], "fp32": PALETTE["sky"], "bf16 params, fp32 buffer": PALETTE["purple"]}
+            color = own.get(label, buffer_style(buffer, strategy)["color"])  # bf16 buffers: the strategy's colour
             kw = {"color": color, "marker": markers[label], "markersize": 5, "markerfacecolor": "none",
                   "linewidth": 1.1, "linestyle": "-" if param != "bf16" else "--", "label": label}  # fmt: skip
             curve = trial_means([r for r in mine if int(r["n_accum"]) == n_max], "step", "eval_loss")

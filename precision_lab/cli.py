@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plot":
             _plot(args.experiment, Path(args.out), Path(args.out) / "figures")
         elif args.command == "report":
-            _report(Path(args.out), Path(args.figures or Path(args.out) / "figures"), "")
+            _report(Path(args.out), Path(args.figures or Path(args.out) / "figures"),
+                    f"Written by `precision-lab report` from the results in `{args.out}/` (each experiment's "
+                    "`metadata.json` holds its config, seed, device and git commit).")  # fmt: skip
         else:
             out = Path(args.out)
             fig_dir = Path(args.figures or (out / "figures" if args.quick else "figures"))

@@ -23,6 +23,7 @@ another fingerprint is removed when a run starts, so ``plot`` never reads a stal
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib.util
@@ -287,25 +288,34 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 _PRESENTATION = ("plotting.py", "cli.py")
 
 
+def _without_plot(source: bytes) -> bytes:
+    """An experiment module's code without its ``plot`` function (which only reads stored results)."""
+    tree = ast.parse(source)
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "plot")]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 @functools.cache
 def code_digest(module: str | None = None) -> str:
     """sha256 (16 hex digits) of the code that computes a sweep's results, as on disk.
 
     Hashes every ``.py`` file of ``precision_lab`` except the presentation-only modules
     (``plotting.py``, ``cli.py``), plus the experiment module ``module`` (a module name such as
-    ``"experiments.training"``; None: every ``experiments/*.py``).  Part of the sweep fingerprint, so
-    that edited code (committed or not, installed from git or not) never reuses parts computed by
-    other code, while editing one experiment or a figure leaves the other experiments' parts valid.
+    ``"experiments.training"``; None: every ``experiments/*.py``) without its ``plot`` function
+    (its syntax tree, so comments do not count either).  Part of the sweep fingerprint, so that
+    edited code (committed or not, installed from git or not) never reuses parts computed by other
+    code, while editing a figure or another experiment leaves finished parts valid.
     """
     h = hashlib.sha256()
     package = Path(__file__).resolve().parent
     files = [f for f in sorted(package.rglob("*.py")) if f.relative_to(package).as_posix() not in _PRESENTATION]
+    for f in files:
+        h.update(f.relative_to(package.parent).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     spec = importlib.util.find_spec(module or "experiments")
     if spec is not None and spec.origin is not None:
         origin = Path(spec.origin).resolve()
-        files += [origin] if module else sorted(origin.parent.rglob("*.py"))
-    for f in files:
-        h.update(f.relative_to(package.parent).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+        for f in [origin] if module else sorted(origin.parent.rglob("*.py")):
+            h.update(f.relative_to(package.parent).as_posix().encode() + b"\0" + _without_plot(f.read_bytes()) + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -283,14 +283,19 @@ def test_code_digest_covers_the_computing_code_only(tmp_path: Path) -> None:
         return out.stdout.strip()
 
     first = digest()
-    for f in ("precision_lab/plotting.py", "precision_lab/cli.py", "experiments/ddp.py"):
+    for f in ("precision_lab/plotting.py", "precision_lab/cli.py", "experiments/ddp.py", "experiments/training.py"):
         with open(tmp_path / f, "a") as fh:
-            fh.write("# edited\n")
+            fh.write("# edited\n")  # a comment: not in the syntax tree of the experiment
+    training = tmp_path / "experiments/training.py"
+    training.write_text(training.read_text().replace("def plot(", "def plot(  # a figure edit\n"))
+    text = training.read_text()
+    i = text.index("def plot(")
+    training.write_text(text[:i] + text[i:].replace("plt = pyplot()", "plt = pyplot()\n    _ = 1", 1))
     assert digest() == first
     with open(tmp_path / "precision_lab/rounding.py", "a") as fh:
         fh.write("# edited\n")
     second = digest()
     assert second != first
     with open(tmp_path / "experiments/training.py", "a") as fh:
-        fh.write("# edited\n")
+        fh.write("EDITED = 1\n")  # a change outside plot()
     assert digest() != second
