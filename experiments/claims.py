@@ -322,8 +322,8 @@ def _c8(res: Results) -> Verdict:
         v.verdict = CONDITIONAL if any(slower_small) and any(fast_large) else (HOLDS if any(slower_small) else FAILS)
     else:
         v.verdict = FAILS
-    v.evidence.append("the overhead is the fixed cost per micro-batch (kernel launches, Python, optimizer-free "
-                      "backward bookkeeping) over less work per call: it depends on the micro-batch size, not on "
+    v.evidence.append("the overhead is the fixed cost per micro-batch (kernel launches, Python and autograd "
+                      "bookkeeping) over less work per call: it depends on the micro-batch size, not on "
                       "accumulation as such")  # fmt: skip
     return v
 
