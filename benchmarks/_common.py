@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from precision_lab import _native
 
@@ -24,18 +23,9 @@ def timeit(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-@contextlib.contextmanager
-def torch_path() -> Iterator[None]:
+def torch_path() -> contextlib.AbstractContextManager[None]:
     """Switch the compiled kernels off (the pure-torch fallback) inside the block."""
-    before = os.environ.get(_native.ENV_VAR)
-    os.environ[_native.ENV_VAR] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[_native.ENV_VAR]
-        else:
-            os.environ[_native.ENV_VAR] = before
+    return _native.disabled()
 
 
 def ratio_table(

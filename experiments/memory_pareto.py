@@ -66,7 +66,6 @@ Pairwise, naive and stochastic read out one format number per parameter.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -78,11 +77,10 @@ import torch
 from precision_lab import metrics
 from precision_lab.accumulators import STRATEGIES, work_dtype
 from precision_lab.formats import get_format
-from precision_lab.gradients import GradientEngine, reference_gradient, split
+from precision_lab.gradients import split
 from precision_lab.plotting import PALETTE, STRATEGY_COLORS, pyplot, save_figure
 from precision_lab.results import read_csv
-from precision_lab.sweep import fixed_effective, run_tasks, stable_seed
-from precision_lab.workloads import ModelWorkload, make_workload
+from precision_lab.sweep import TrialData, fixed_effective, run_tasks, stable_seed
 
 NAME = "memory-pareto"
 COLUMNS = ("experiment", "workload", "compute_format", "buffer_format", "strategy", "scaling", "n_accum",
@@ -282,35 +280,23 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
         shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
     """Run (or resume) the sweep; returns ``results.csv`` once the whole grid is done."""
     tasks = config.tasks()  # validate before building anything
-    batch = dict(zip(config.workloads, config.effective_batch, strict=True))
+    trials = TrialData(dict(zip(config.workloads, config.effective_batch, strict=True)), seed=seed, size=config.size,
+                       warmup_steps=config.warmup_steps, device=device, method=config.method,
+                       chunk_size=config.chunk_size, chunk_samples=config.chunk_samples)  # fmt: skip
+    batch = trials.effective_batch
+
     buffers = [(get_format(f).name, s) for f, s in config.buffers]
     measured_buffers = [*buffers, *config.floor_buffers()]
 
-    @functools.cache
-    def workload(w: str) -> ModelWorkload:
-        return make_workload(w, seed=seed, size=config.size, warmup_steps=config.warmup_steps)
-
-    @functools.cache
-    def data(w: str, trial: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """The trial's batch (the same for every N), its fp64 gradient and its seed."""
-        wl = workload(w)
-        data_seed = stable_seed(seed, w, trial, "data")
-        x, y = wl.sample(batch[w], torch.Generator().manual_seed(data_seed))
-        return x, y, reference_gradient(wl.model, wl.loss_fn, x, y, device=device), data_seed
-
-    @functools.cache
-    def engine(w: str) -> GradientEngine:
-        wl = workload(w)
-        return GradientEngine(wl.model, wl.loss_fn, config.compute_format, method=config.method,
-                              chunk_size=config.chunk_size, chunk_samples=config.chunk_samples, device=device)  # fmt: skip
-
     def work(task: dict[str, Any]) -> list[dict[str, Any]]:
         w, n, trial = task["workload"], task["n_accum"], task["trial"]
-        x, y, ref, data_seed = data(w, trial)
+        x, y, ref, data_seed = trials.data(w, trial)
         sr_seed = stable_seed(seed, w, config.compute_format, n, trial, "post")  # the buffers' stochastic rounding
         # post scaling: sum the undivided micro-gradients, divide the buffer by N (a power of two: exact
         # unless it underflows) once, in the buffer format
-        measured = fixed_effective(engine(w), x, y, ref, n, measured_buffers, scaling="post", seed=sr_seed)
+        measured = fixed_effective(
+            trials.engine(w, config.compute_format), x, y, ref, n, measured_buffers, scaling="post", seed=sr_seed
+        )
         # input floor: the exact sum of the addends rounded to the format (what add() rounds them to first)
         floor = {r["buffer_format"]: r["rel_l2_error"] for r in measured if r["strategy"] == "exact"}
         rows = []

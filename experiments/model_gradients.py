@@ -14,21 +14,17 @@ The ``quantisation_floor`` column is the error of the fp64 truth rounded once to
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from precision_lab import STRATEGIES, metrics
-from precision_lab.gradients import GradientEngine, reference_gradient
 from precision_lab.plotting import FORMAT_STYLES, buffer_style, pyplot, save_figure, trial_intervals, trial_means
 from precision_lab.results import read_csv
-from precision_lab.sweep import fixed_effective, fixed_micro, power_grid, run_tasks, stable_seed
-from precision_lab.workloads import ModelWorkload, make_workload
+from precision_lab.sweep import TrialData, fixed_effective, fixed_micro, power_grid, run_tasks, stable_seed
 
 NAME = "model-gradients"
 COLUMNS = ("experiment", "workload", "regime", "compute_format", "buffer_format", "strategy", "scaling",
@@ -89,39 +85,24 @@ class Config:
 def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu",
         shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
     """Run (or resume) the sweep; returns ``results.csv`` once the whole grid is done."""
-    batch = dict(zip(config.workloads, config.effective_batch, strict=True))
-
-    @functools.cache
-    def workload(w: str) -> ModelWorkload:
-        return make_workload(w, seed=seed, size=config.size, warmup_steps=config.warmup_steps)
-
-    @functools.cache
-    def data(w: str, trial: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """The trial's batch (the same for every N and precision), its fp64 gradient and its seed."""
-        wl = workload(w)
-        data_seed = stable_seed(seed, w, trial, "data")
-        x, y = wl.sample(batch[w], torch.Generator().manual_seed(data_seed))
-        return x, y, reference_gradient(wl.model, wl.loss_fn, x, y, device=device), data_seed
-
-    @functools.cache
-    def engine(w: str, compute: str) -> GradientEngine:
-        wl = workload(w)
-        return GradientEngine(wl.model, wl.loss_fn, compute, method=config.method, chunk_size=config.chunk_size,
-                              chunk_samples=config.chunk_samples, device=device)  # fmt: skip
+    trials = TrialData(dict(zip(config.workloads, config.effective_batch, strict=True)), seed=seed, size=config.size,
+                       warmup_steps=config.warmup_steps, device=device, method=config.method,
+                       chunk_size=config.chunk_size, chunk_samples=config.chunk_samples)  # fmt: skip
+    batch = trials.effective_batch
 
     def work(task: dict[str, Any]) -> list[dict[str, Any]]:
         w, compute, n, trial = task["workload"], task["compute_format"], task["n_accum"], task["trial"]
         regime = task["regime"]
-        x, y, ref, data_seed = data(w, trial)
+        x, y, ref, data_seed = trials.data(w, trial)
         s = config.fp16_loss_scale if compute == "fp16" else 1.0  # GradScaler-style static scale
         rows = []
         for scaling in config.scalings:
             sr_seed = stable_seed(seed, w, compute, n, trial, scaling, regime)  # the buffers' stochastic rounding
             if regime == "fixed_effective":
-                measured = fixed_effective(engine(w, compute), x, y, ref, n, config.buffers(), scaling=scaling,
+                measured = fixed_effective(trials.engine(w, compute), x, y, ref, n, config.buffers(), scaling=scaling,
                                            seed=sr_seed, loss_scale=s)  # fmt: skip
             else:  # growing N at micro-batch B over the same samples; the truth at N: the first N*B of them
-                measured = fixed_micro(engine(w, compute), x, y, config.fixed_micro_batch, power_grid(n),
+                measured = fixed_micro(trials.engine(w, compute), x, y, config.fixed_micro_batch, power_grid(n),
                                        config.buffers(), scaling=scaling, seed=sr_seed, loss_scale=s)  # fmt: skip
             for r in measured:
                 b = batch[w] // r["n_accum"] if regime == "fixed_effective" else config.fixed_micro_batch

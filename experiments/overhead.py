@@ -75,11 +75,10 @@ import copy
 import dataclasses
 import gc
 import math
-import os
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,21 +312,9 @@ def _copy_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return copy.deepcopy(model).to(device)
 
 
-@contextlib.contextmanager
-def _native_kernels(on: bool) -> Iterator[None]:
+def _native_kernels(on: bool) -> contextlib.AbstractContextManager[None]:
     """Leave precision_lab's numba kernels on, or switch them off for the block (read at every call)."""
-    if on:
-        yield
-        return
-    before = os.environ.get(_native.ENV_VAR)
-    os.environ[_native.ENV_VAR] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[_native.ENV_VAR]
-        else:
-            os.environ[_native.ENV_VAR] = before
+    return contextlib.nullcontext() if on else _native.disabled()
 
 
 def train_step(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

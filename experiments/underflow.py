@@ -62,7 +62,6 @@ What is measured, per (workload, regime, scaling, S, N, trial):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,12 +74,12 @@ from precision_lab import metrics
 from precision_lab._threads import intra_op_threads
 from precision_lab.accumulators import STRATEGIES, Accumulator
 from precision_lab.formats import Format, get_format
-from precision_lab.gradients import COMPUTE_FORMATS, GradientEngine, reference_gradient
+from precision_lab.gradients import COMPUTE_FORMATS, GradientEngine
 from precision_lab.plotting import PALETTE, pyplot, save_figure
 from precision_lab.results import read_csv
 from precision_lab.rounding import round_nearest
-from precision_lab.sweep import SCALINGS, power_grid, run_tasks, stable_seed
-from precision_lab.workloads import MODEL_WORKLOADS, ModelWorkload, make_workload
+from precision_lab.sweep import SCALINGS, TrialData, power_grid, run_tasks, stable_seed
+from precision_lab.workloads import MODEL_WORKLOADS
 
 NAME = "underflow"
 COLUMNS = ("experiment", "workload", "compute_format", "buffer_format", "strategy", "scaling", "loss_scale",
@@ -323,31 +322,16 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
         shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
     """Run (or resume) the sweep; returns ``results.csv`` once the whole grid is done."""
     tasks = config.tasks()  # validates the config before anything is computed
-    batch = dict(zip(config.workloads, config.effective_batch, strict=True))
-
-    @functools.cache
-    def workload(w: str) -> ModelWorkload:
-        return make_workload(w, seed=seed, size=config.size, warmup_steps=config.warmup_steps)
-
-    @functools.cache
-    def data(w: str, trial: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """The trial's batch (the same for every N, regime and scale), its fp64 gradient and its seed."""
-        wl = workload(w)
-        data_seed = stable_seed(seed, w, trial, "data")
-        x, y = wl.sample(batch[w], torch.Generator().manual_seed(data_seed))
-        return x, y, reference_gradient(wl.model, wl.loss_fn, x, y, device=device), data_seed
-
-    @functools.cache
-    def engine(w: str, compute: str) -> GradientEngine:
-        wl = workload(w)
-        return GradientEngine(wl.model, wl.loss_fn, compute, method=config.method, chunk_size=config.chunk_size,
-                              chunk_samples=config.chunk_samples, device=device)  # fmt: skip
+    trials = TrialData(dict(zip(config.workloads, config.effective_batch, strict=True)), seed=seed, size=config.size,
+                       warmup_steps=config.warmup_steps, device=device, method=config.method,
+                       chunk_size=config.chunk_size, chunk_samples=config.chunk_samples)  # fmt: skip
+    batch = trials.effective_batch
 
     def work(task: dict[str, Any]) -> list[dict[str, Any]]:
         w, compute, n, trial = task["workload"], task["compute_format"], task["n_accum"], task["trial"]
-        x, y, ref, data_seed = data(w, trial)
+        x, y, ref, data_seed = trials.data(w, trial)
         passes = [(scaling, float(s)) for scaling in config.scalings for s in config.loss_scales]
-        measured = measure(engine(w, compute), engine(w, "fp64"), x, y, ref, n, config.buffers(compute), passes,
+        measured = measure(trials.engine(w, compute), trials.engine(w, "fp64"), x, y, ref, n, config.buffers(compute), passes,
                            seed=stable_seed(seed, w, compute, n, trial))  # fmt: skip
         rows = []
         for (scaling, s), pass_rows in zip(passes, measured, strict=True):

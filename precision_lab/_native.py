@@ -48,10 +48,12 @@ Control:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import threading
+from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 
 import numpy as np
@@ -60,6 +62,7 @@ import torch
 from precision_lab import _random
 
 __all__ = [
+    "disabled",
     "ENV_VAR",
     "count_nonfinite_bf16",
     "enabled",
@@ -111,6 +114,20 @@ def _numba() -> ModuleType | None:
 # under CPU contention their spinning workers cost milliseconds per call): the torch code, which
 # gives the same bits, runs instead.
 MIN_NUMEL = 1 << 14
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside the block the compiled kernels are off (the pure-torch paths, same bits); restored after."""
+    before = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = before
 
 
 def enabled(numel: int | None = None) -> bool:

@@ -41,12 +41,14 @@ from tqdm import tqdm
 from precision_lab import metrics
 from precision_lab.accumulators import Accumulator
 from precision_lab.formats import get_format
-from precision_lab.gradients import GradientEngine, split
+from precision_lab.gradients import GradientEngine, reference_gradient, split
 from precision_lab.results import atomic_write_text, remove_stale_temporaries, write_csv, write_metadata
 from precision_lab.rounding import round_nearest
+from precision_lab.workloads import ModelWorkload, make_workload
 
 __all__ = [
     "SCALINGS",
+    "TrialData",
     "accumulate",
     "fixed_effective",
     "fixed_micro",
@@ -254,6 +256,56 @@ def stream(samples: Callable[[int], torch.Tensor], compute: str, record: Collect
         rows += accumulate(quantised(n), buffers, record={n}, reference=truth.__getitem__, factor=lambda n: 1.0,
                            seed=seed, device=device)  # fmt: skip
     return rows
+
+
+class TrialData:
+    """Workloads, each trial's batch with its fp64 gradient, and gradient engines, built once and cached.
+
+    The experiments that split a fixed effective batch of a real model (model-gradients, underflow,
+    memory-pareto) share this: a trial's batch is the same for every N, precision and buffer, and
+    drawn from ``stable_seed(seed, workload, trial, "data")``.
+
+    Args:
+        effective_batch: ``{workload name: E}``.
+        seed: The experiment's base seed (workload initialisation and warm-up, data draws).
+        size: Workload size preset ("full" or "quick").
+        warmup_steps: fp32 Adam steps before measuring (None: the workload's default).
+        device: Where gradients are computed.
+        method, chunk_size, chunk_samples: passed to :class:`GradientEngine`.
+    """
+
+    def __init__(self, effective_batch: Mapping[str, int], *, seed: int, size: str, warmup_steps: int | None,
+                 device: str = "cpu", method: str = "vmap", chunk_size: int = 64, chunk_samples: int = 256) -> None:  # fmt: skip
+        self.effective_batch = dict(effective_batch)
+        self.seed, self.size, self.warmup_steps, self.device = seed, size, warmup_steps, device
+        self.engine_options = {"method": method, "chunk_size": chunk_size, "chunk_samples": chunk_samples}
+        self._workloads: dict[str, ModelWorkload] = {}
+        self._data: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
+        self._engines: dict[tuple[str, str], GradientEngine] = {}
+
+    def workload(self, name: str) -> ModelWorkload:
+        """The warmed-up workload ``name``."""
+        if name not in self._workloads:
+            self._workloads[name] = make_workload(name, seed=self.seed, size=self.size, warmup_steps=self.warmup_steps)
+        return self._workloads[name]
+
+    def data(self, name: str, trial: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The trial's batch ``(x, y)``, its fp64 large-batch gradient and its data seed."""
+        if (name, trial) not in self._data:
+            wl = self.workload(name)
+            data_seed = stable_seed(self.seed, name, trial, "data")
+            x, y = wl.sample(self.effective_batch[name], torch.Generator().manual_seed(data_seed))
+            ref = reference_gradient(wl.model, wl.loss_fn, x, y, device=self.device)
+            self._data[(name, trial)] = (x, y, ref, data_seed)
+        return self._data[(name, trial)]
+
+    def engine(self, name: str, compute: str) -> GradientEngine:
+        """The gradient engine of workload ``name`` in precision ``compute``."""
+        if (name, compute) not in self._engines:
+            wl = self.workload(name)
+            self._engines[(name, compute)] = GradientEngine(wl.model, wl.loss_fn, compute, device=self.device,
+                                                            **self.engine_options)  # fmt: skip
+        return self._engines[(name, compute)]
 
 
 def power_grid(n_max: int, *, divides: int | None = None) -> list[int]:
