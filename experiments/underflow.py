@@ -34,18 +34,22 @@ before anything reaches the buffer.
 What is measured, per (workload, regime, scaling, S, N, trial):
 
 * ``flushed_fraction``: of the micro-gradient elements that are nonzero in exact arithmetic, the
-  fraction that is exactly zero in the value that reaches the buffer.  "Nonzero" means above
-  :data:`EXACT_ZERO` = 2^-50 times the micro-gradient's largest element: below it sits fp64's
-  rounding residue of exact zeros (the transformer's key biases).  "Exact" is the same
+  fraction that is exactly zero in the value that reaches the buffer *and* whose exact value (times
+  ``S/N`` for ``pre``, ``S`` for ``post``) itself rounds to zero in the narrower format: flushed
+  because the format cannot hold it.  "Nonzero" means above :data:`EXACT_ZERO` = 2^-50 times the
+  micro-gradient's largest element: below it sits fp64's rounding residue of exact zeros (the
+  transformer's key biases); elements that small are below fp16's range at every scale used here,
+  so leaving them out undercounts flushes by at most their share.  "Exact" is the same
   micro-gradient (same micro-batch) computed by a float64 copy of the model, paired with the
-  low-precision chunks one by one (its ``/N`` and ``*S`` are left out: they cannot change which
-  fp64 elements are nonzero, see :func:`measure`).  "Reaches the buffer" is the micro-gradient
-  rounded to the buffer format (round to nearest even), as ``Accumulator.add`` does: the fp16
-  micro-gradient itself for an fp32 buffer, the fp32 one rounded to fp16 for an fp16 buffer.  Only
-  exact zeros count: a low-precision backward that turns a tiny exact value into a larger wrong one
-  (rounding noise; a ReLU that flips because the fp16 weights are rounded) is not "flushed", which
-  is why pure fp16 can show fewer flushes than fp32 micro-gradients rounded to fp16.  fp64 compute
-  has a flushed fraction of exactly 0.
+  low-precision chunks one by one, scaled by ``S/N`` or ``S`` (powers of two: exact in fp64).
+  "Reaches the buffer" is the micro-gradient rounded to the buffer format (round to nearest even),
+  as ``Accumulator.add`` does: the fp16 micro-gradient itself for an fp32 buffer, the fp32 one
+  rounded to fp16 for an fp16 buffer.  Only exact zeros count: a low-precision backward that turns
+  a tiny exact value into a larger wrong one is not "flushed".  fp64 compute has a flushed fraction
+  of exactly 0.
+* ``zeroed_fraction``: the elements that arrive as exactly zero although their exact scaled value
+  is representable: lost inside the fp16 computation (an intermediate underflow, such as the
+  transformer's 1/(B T), or a cancellation), not at the buffer.
 * ``subnormal_fraction``: of the same elements, the fraction that arrives nonzero but below the
   smallest normal of the narrower of compute and buffer format (2^-14 for fp16): kept, with fewer
   than 11 significant bits.
@@ -83,7 +87,7 @@ from precision_lab.workloads import MODEL_WORKLOADS
 
 NAME = "underflow"
 COLUMNS = ("experiment", "workload", "compute_format", "buffer_format", "strategy", "scaling", "loss_scale",
-           "n_accum", "micro_batch", "effective_batch", "trial", "seed", "flushed_fraction", "subnormal_fraction",
+           "n_accum", "micro_batch", "effective_batch", "trial", "seed", "flushed_fraction", "zeroed_fraction", "subnormal_fraction",
            "nonfinite_inputs", *metrics.METRIC_NAMES, "quantisation_floor")  # fmt: skip
 
 # An fp64 element at most this fraction of its micro-gradient's largest one counts as zero in exact
@@ -187,7 +191,7 @@ class Config:
 # counting what underflows on the way into the buffer
 # --------------------------------------------------------------------------------------------------
 def flush_counts(exact: torch.Tensor, grad: torch.Tensor, buffer: str | Format,
-                 narrow: str | Format | None = None) -> dict[str, int]:  # fmt: skip
+                 narrow: str | Format | None = None, scale: float = 1.0) -> dict[str, int]:  # fmt: skip
     """Count what happens to the nonzero elements of ``exact`` on their way into the buffer.
 
     Args:
@@ -196,11 +200,15 @@ def flush_counts(exact: torch.Tensor, grad: torch.Tensor, buffer: str | Format,
         buffer: The buffer format; ``grad`` is rounded to it (RN-even) as ``Accumulator.add`` does.
         narrow: The format whose subnormal range counts (default: ``buffer``); pass the narrower of
             compute and buffer format.
+        scale: What ``grad`` is of ``exact``'s scale: ``S/N`` for ``pre``, ``S`` for ``post``.
 
     Returns:
         ``nonzero`` (elements of ``exact`` above :data:`EXACT_ZERO` times the largest magnitude in
         their micro-gradient, the last dimension; the rest is 0 or fp64 residue), ``flushed`` (of
-        those, the ones that arrive as exactly 0), ``subnormal`` (arrive nonzero and finite but
+        those, the ones that arrive as exactly 0 and whose exact value ``scale * exact`` itself
+        rounds to 0 in ``narrow``: too small for the format), ``zeroed`` (the ones that arrive as 0
+        although their exact value is representable: lost inside the fp16 computation, by an
+        intermediate underflow or a cancellation), ``subnormal`` (arrive nonzero and finite but
         below the smallest normal of ``narrow``) and ``nonfinite`` (elements of every kind that
         arrive as inf or NaN).
 
@@ -219,9 +227,12 @@ def flush_counts(exact: torch.Tensor, grad: torch.Tensor, buffer: str | Format,
     # zero in exact arithmetic: 0, or fp64 rounding residue of an exactly cancelling sum (see EXACT_ZERO)
     nonzero = e > EXACT_ZERO * e.amax(dim=-1, keepdim=True) if e.numel() else e != 0
     small = a < narrow.smallest_normal  # NaN compares False: never small
+    too_small = round_nearest(exact * scale, narrow) == 0  # x scale: a power of two, exact in fp64
+    lost = nonzero & (a == 0)
     return {
         "nonzero": int(torch.count_nonzero(nonzero)),
-        "flushed": int(torch.count_nonzero(nonzero & (a == 0))),
+        "flushed": int(torch.count_nonzero(lost & too_small)),
+        "zeroed": int(torch.count_nonzero(lost & ~too_small)),
         "subnormal": int(torch.count_nonzero(nonzero & small & (a > 0))),
         "nonfinite": int(torch.count_nonzero(~torch.isfinite(a))),
     }
@@ -276,16 +287,18 @@ def measure(engine: GradientEngine, exact_engine: GradientEngine, inputs: torch.
     accs = [[Accumulator(strategy, b, (engine.num_params,), device=device,
                          generator=torch.Generator(device=device).manual_seed(stable_seed(seed, p, b, strategy)))
              for b, strategy in buffers] for p in passes]  # fmt: skip
-    counts = [{b: dict.fromkeys(("nonzero", "flushed", "subnormal", "nonfinite"), 0) for b in formats} for _ in passes]
+    counts = [{b: dict.fromkeys(("nonzero", "flushed", "zeroed", "subnormal", "nonfinite"), 0) for b in formats}
+              for _ in passes]  # fmt: skip
     # Counting and adding are elementwise work on 10^4..10^6 numbers: one intra-op thread (the engines
     # set their own) loses little, gives the same bits, and avoids idle-spinning threads that cost
     # ten times the work on a shared machine.
     with intra_op_threads(1):
         for exact in exact_engine.micro_gradients(inputs, targets, n_micro):
-            for stream, pass_accs, pass_counts in zip(streams, accs, counts, strict=True):
+            for (scaling, s), stream, pass_accs, pass_counts in zip(passes, streams, accs, counts, strict=True):
                 chunk = next(stream)
+                scale = s / n_micro if scaling == "pre" else s
                 for b in formats:
-                    for k, v in flush_counts(exact, chunk, b, narrow[b]).items():
+                    for k, v in flush_counts(exact, chunk, b, narrow[b], scale).items():
                         pass_counts[b][k] += v
                 for g in chunk:
                     for acc in pass_accs:
@@ -303,6 +316,7 @@ def measure(engine: GradientEngine, exact_engine: GradientEngine, inputs: torch.
                                 element_adds=acc.element_adds)  # fmt: skip
             rows.append({"buffer_format": acc.format.name, "strategy": acc.strategy, "n_accum": n_micro,
                          "flushed_fraction": c["flushed"] / c["nonzero"] if c["nonzero"] else 0.0,
+                         "zeroed_fraction": c["zeroed"] / c["nonzero"] if c["nonzero"] else 0.0,
                          "subnormal_fraction": c["subnormal"] / c["nonzero"] if c["nonzero"] else 0.0,
                          "nonfinite_inputs": c["nonfinite"], **m, "quantisation_floor": floors[acc.format.name]})  # fmt: skip
         out.append(rows)

@@ -159,9 +159,10 @@ def test_flush_counts_by_hand() -> None:
     # 2^-24, 2^-15: subnormal; 2^-14, 1: normal; 0: not counted; 70000 > fp16 max: inf; -2^-26: flushed (-0)
     g = torch.tensor(values, dtype=torch.float32)
     got = uf.flush_counts(g.double(), g, "fp16")
-    assert got == {"nonzero": 9, "flushed": 3, "subnormal": 3, "nonfinite": 1}
+    assert got == {"nonzero": 9, "flushed": 3, "zeroed": 0, "subnormal": 3, "nonfinite": 1}
     # the same fp32 values into an fp32 buffer: nothing flushes, 70000 is finite, none is subnormal in fp32
-    assert uf.flush_counts(g.double(), g, "fp32") == {"nonzero": 9, "flushed": 0, "subnormal": 0, "nonfinite": 0}
+    assert uf.flush_counts(g.double(), g, "fp32") == {"nonzero": 9, "flushed": 0, "zeroed": 0, "subnormal": 0,
+                                                                "nonfinite": 0}  # fmt: skip
     # ... but counted against fp16's subnormal range: every nonzero value below 2^-14 (6 of them)
     assert uf.flush_counts(g.double(), g, "fp32", "fp16")["subnormal"] == 6
     # an element that is 0 in exact arithmetic is never "flushed", whatever arrives; nor is fp64 residue
@@ -169,8 +170,15 @@ def test_flush_counts_by_hand() -> None:
     assert uf.flush_counts(torch.zeros(3, dtype=torch.float64), torch.zeros(3), "fp16")["flushed"] == 0
     exact = torch.tensor([[1.0, 2.0**-50, 2.0**-49, 0.0], [2.0**-40, 2.0**-90, 0.0, 0.0]], dtype=torch.float64)
     got = uf.flush_counts(exact, torch.zeros(2, 4), "fp16")
-    # counted: 1 and 2^-49 (above 2^-50 of 1), 2^-40; not: 2^-50, and 2^-90 (2^-50 of its row's 2^-40)
-    assert got == {"nonzero": 3, "flushed": 3, "subnormal": 0, "nonfinite": 0}
+    # counted: 1 and 2^-49 (above 2^-50 of 1), 2^-40; not: 2^-50, and 2^-90 (2^-50 of its row's 2^-40).
+    # 2^-49 and 2^-40 are below fp16's range: flushed; 1 is representable, so its 0 was made in the
+    # computation: zeroed, not flushed
+    assert got == {"nonzero": 3, "flushed": 2, "zeroed": 1, "subnormal": 0, "nonfinite": 0}
+    # the scale the value reaches the buffer at decides: 2^-20 x 2^-10 (pre, N = 1024) is below fp16's
+    # range (flushed); 2^-20 x 2^5 (a loss scale) is representable, so an arriving 0 is "zeroed"
+    exact, zero = torch.tensor([2.0**-20], dtype=torch.float64), torch.zeros(1)
+    assert uf.flush_counts(exact, zero, "fp16", scale=2.0**-10)["flushed"] == 1
+    assert uf.flush_counts(exact, zero, "fp16", scale=2.0**5)["zeroed"] == 1
     with pytest.raises(ValueError, match=r"shape mismatch: exact has shape \(2,\)"):
         uf.flush_counts(torch.zeros(2, dtype=torch.float64), torch.zeros(3), "fp16")
 
