@@ -276,9 +276,9 @@ class Accumulator:
     def arrays(self) -> int:
         """Number of format-sized arrays the strategy keeps.
 
-        Pairwise: the slot positions allocated so far, floor(log2 n) + 1 after n adds. That is the
-        peak number of live partial sums, floor(log2(n + 1)), plus one when n is a power of two
-        (the last carry frees every slot but the top one).
+        Pairwise: the slot positions allocated so far, floor(log2 n) + 1 after n adds. The peak
+        number of partial sums alive at once is floor(log2(n + 1)), one less whenever n + 1 is not
+        a power of two (n = 5: 3 positions, at most 2 alive).
         """
         if self.strategy == "kahan":
             return 2

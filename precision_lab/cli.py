@@ -83,7 +83,8 @@ def _run_parallel(name: str, *, jobs: int, quick: bool, out: Path, device: str, 
         # Split the cores between the shards: oversubscribed numba/OpenMP workers spin, and with 2
         # shards x 2 threads on 2 cores a sweep ran ~10x slower (measured). Results do not depend
         # on thread counts (tested), only the speed does.
-        per = str(max(1, (os.cpu_count() or 1) // jobs))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        per = str(max(1, cores // jobs))
         env = {**os.environ, "OMP_NUM_THREADS": per, "NUMBA_NUM_THREADS": per}
         procs = [subprocess.Popen([*base, "--shard", f"{i}/{jobs}"], stdout=subprocess.DEVNULL, env=env)
                  for i in range(1, jobs + 1)]  # fmt: skip

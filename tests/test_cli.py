@@ -127,7 +127,8 @@ def test_jobs_shards_give_the_single_process_bytes(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(cli.subprocess, "Popen", popen)
     cli._run_parallel("summation", jobs=2, quick=True, out=tmp_path / "two", device="cpu", seed=5)
-    per = str(max(1, (os.cpu_count() or 1) // 2))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per = str(max(1, cores // 2))
     assert launched == [("1/2", per, per), ("2/2", per, per)]
     assert (tmp_path / "two" / "summation" / "results.csv").read_bytes() == single
 
