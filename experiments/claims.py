@@ -126,14 +126,20 @@ def _line(r: dict[str, str]) -> str:
     return f"{r['case']}, {r['comparison']}, N = {r['n_accum']}: relative difference {_g(float(r['rel_difference']))}{exact}"
 
 
-def _equivalence(claim: str, res: Results, decide: Callable[[Rows], str]) -> Verdict:
+def _equivalence(
+    claim: str, res: Results, decide: Callable[[Rows], str], note: tuple[str, str] | None = None
+) -> Verdict:
+    """A claim decided by the equivalence rows; ``note = (verdict, text)`` adds the text under that verdict."""
     rows = res.get("equivalence")
     if rows is None:
         return _missing(claim, "equivalence")
     sel = _eq(rows, claim)
     if not sel:
         return _missing(claim, "equivalence")
-    return Verdict(claim, decide(sel), [_line(r) for r in sel], ["equivalence.png"], ["precision-lab run equivalence"])
+    v = Verdict(claim, decide(sel), [_line(r) for r in sel], ["equivalence.png"], ["precision-lab run equivalence"])
+    if note is not None and v.verdict == note[0]:
+        v.evidence.append(note[1])
+    return v
 
 
 def _c1(res: Results) -> Verdict:
@@ -160,11 +166,16 @@ def _c2(res: Results) -> Verdict:
         off_by = all(abs(float(r["rel_difference"]) - (n - 1)) <= 1e-9 * n for r in undivided)
         return HOLDS if _diff(divided) <= EXACT and undivided and off_by else FAILS
 
-    v = _equivalence("C2", res, decide)
-    if v.verdict == HOLDS:
-        v.evidence.append("the undivided sum is N times the mean: relative difference N - 1. With unequal micro-batch "
-                          "sizes or token counts dividing by N is no longer the mean (C7)")  # fmt: skip
-    return v
+    return _equivalence(
+        "C2",
+        res,
+        decide,
+        (
+            HOLDS,
+            "the undivided sum is N times the mean: relative difference N - 1. With unequal micro-batch "
+            "sizes or token counts dividing by N is no longer the mean (C7)",
+        ),
+    )
 
 
 def _c3(res: Results) -> Verdict:
@@ -174,11 +185,16 @@ def _c3(res: Results) -> Verdict:
         moves = bool(last) and _diff(last) <= EXACT
         return FAILS if moves and _diff(large) > EXACT else HOLDS
 
-    v = _equivalence("C3", res, decide)
-    if v.verdict == FAILS:
-        v.evidence.append("the accumulation is wiped, but the weights do change: each step applies the last "
-                          "micro-batch's gradient divided by N, a silent 1/N-sized step on 1/N of the data")  # fmt: skip
-    return v
+    return _equivalence(
+        "C3",
+        res,
+        decide,
+        (
+            FAILS,
+            "the accumulation is wiped, but the weights do change: each step applies the last "
+            "micro-batch's gradient divided by N, a silent 1/N-sized step on 1/N of the data",
+        ),
+    )
 
 
 def _c4(res: Results) -> Verdict:
@@ -189,12 +205,17 @@ def _c4(res: Results) -> Verdict:
             return FAILS
         return CONDITIONAL if differ and min(float(r["rel_difference"]) for r in differ) > EXACT else HOLDS
 
-    v = _equivalence("C4", res, decide)
-    if v.verdict == CONDITIONAL:
-        v.evidence.append("the weights are indeed frozen, but BatchNorm in train mode normalises by micro-batch "
-                          "statistics and nn.Dropout draws other masks per micro-batch; layers that treat samples "
-                          "independently (LayerNorm, GroupNorm, BatchNorm in eval mode, masks keyed by sample) agree")  # fmt: skip
-    return v
+    return _equivalence(
+        "C4",
+        res,
+        decide,
+        (
+            CONDITIONAL,
+            "the weights are indeed frozen, but BatchNorm in train mode normalises by micro-batch "
+            "statistics and nn.Dropout draws other masks per micro-batch; layers that treat samples "
+            "independently (LayerNorm, GroupNorm, BatchNorm in eval mode, masks keyed by sample) agree",
+        ),
+    )
 
 
 def _c6(res: Results) -> Verdict:
@@ -205,12 +226,17 @@ def _c6(res: Results) -> Verdict:
             return FAILS
         return CONDITIONAL if other and max(float(r["rel_difference"]) for r in other) > EXACT else HOLDS
 
-    v = _equivalence("C6", res, decide)
-    if v.verdict == CONDITIONAL:
-        v.evidence.append("lr/N also divides coupled weight decay by N (fix: weight decay x N); Adam normalises the "
-                          "gradient's scale away, so lr/N shrinks its step about N times instead (loss/N equals the "
-                          "undivided loss with eps x N)")  # fmt: skip
-    return v
+    return _equivalence(
+        "C6",
+        res,
+        decide,
+        (
+            CONDITIONAL,
+            "lr/N also divides coupled weight decay by N (fix: weight decay x N); Adam normalises the "
+            "gradient's scale away, so lr/N shrinks its step about N times instead (loss/N equals the "
+            "undivided loss with eps x N)",
+        ),
+    )
 
 
 def _c7(res: Results) -> Verdict:
@@ -219,12 +245,17 @@ def _c7(res: Results) -> Verdict:
         right = [r for r in sel if r["predicted"] == "equal"]
         return CONDITIONAL if wrong and min(float(r["rel_difference"]) for r in wrong) > EXACT and _diff(right) <= EXACT else FAILS  # fmt: skip
 
-    v = _equivalence("C7", res, decide)
-    if v.verdict == CONDITIONAL:
-        v.evidence.append("no framework was run here: the rows show what a framework must do to be right (sum the "
-                          "token losses and divide by the window's token count; divide a partial window by its own "
-                          "size) and how far the naive per-micro-batch normalisation is off")  # fmt: skip
-    return v
+    return _equivalence(
+        "C7",
+        res,
+        decide,
+        (
+            CONDITIONAL,
+            "no framework was run here: the rows show what a framework must do to be right (sum the "
+            "token losses and divide by the window's token count; divide a partial window by its own "
+            "size) and how far the naive per-micro-batch normalisation is off",
+        ),
+    )
 
 
 def _mean_at(rows: Rows, column: str) -> dict[int, float]:

@@ -336,9 +336,7 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
         shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
     """Run (or resume) the sweep; returns ``results.csv`` once the whole grid is done."""
     tasks = config.tasks()  # validates the config before anything is computed
-    trials = TrialData(dict(zip(config.workloads, config.effective_batch, strict=True)), seed=seed, size=config.size,
-                       warmup_steps=config.warmup_steps, device=device, method=config.method,
-                       chunk_size=config.chunk_size, chunk_samples=config.chunk_samples)  # fmt: skip
+    trials = TrialData.for_config(config, seed=seed, device=device)
     batch = trials.effective_batch
 
     def work(task: dict[str, Any]) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,17 +95,6 @@ def _run_parallel(name: str, *, jobs: int, quick: bool, out: Path, device: str, 
     _run(name, quick=quick, out=out, device=device, seed=seed)
 
 
-def _jobs(text: str) -> int:
-    """``--jobs``: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--jobs must be >= 1, got {value}")
-    return value
-
-
 def _plot(name: str, out: Path, fig_dir: Path) -> None:
     from experiments import get_experiment
 
@@ -119,15 +109,28 @@ def _report(out: Path, fig_dir: Path, header: str) -> None:
     print(f"claims report: {write_report(out, fig_dir, sorted(REGISTRY), header=header)}")
 
 
-def _seed(text: str) -> int:
-    """``--seed``: an integer in [0, 2^63)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"--seed must be in [0, 2**63), got {value}")
-    return value
+def _int_in(flag: str, low: int, high: int | None = None, high_text: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer in ``[low, high)`` (no upper end if ``high`` is None).
+
+    ``high_text`` is how the error message writes ``high`` (default: its digits).
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if high is None and value < low:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {low}, got {value}")
+        if high is not None and not low <= value < high:
+            raise argparse.ArgumentTypeError(f"{flag} must be in [{low}, {high_text or high}), got {value}")
+        return value
+
+    return parse
+
+
+_seed = _int_in("--seed", 0, 2**63, "2**63")
+_jobs = _int_in("--jobs", 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -283,6 +283,17 @@ class TrialData:
         self._data: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
         self._engines: dict[tuple[str, str], GradientEngine] = {}
 
+    @classmethod
+    def for_config(cls, config: Any, *, seed: int, device: str) -> TrialData:
+        """The trial data of an experiment config (model-gradients, underflow, memory-pareto).
+
+        Reads ``workloads``, ``effective_batch``, ``size``, ``warmup_steps``, ``method``, ``chunk_size``
+        and ``chunk_samples``.
+        """
+        return cls(dict(zip(config.workloads, config.effective_batch, strict=True)), seed=seed, size=config.size,
+                   warmup_steps=config.warmup_steps, device=device, method=config.method,
+                   chunk_size=config.chunk_size, chunk_samples=config.chunk_samples)  # fmt: skip
+
     def workload(self, name: str) -> ModelWorkload:
         """The warmed-up workload ``name``."""
         if name not in self._workloads:
