@@ -41,8 +41,10 @@ def ratio_table(
     import torch
 
     print(f"# {title}: n = {n:,}, threads = {threads}, median of {repeat} (2 warm-up)")
-    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {platform.processor() or platform.machine()}, "
-          f"compiled kernels: {'on' if _native.enabled() else 'OFF'}\n")  # fmt: skip
+    print(
+        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {platform.processor() or platform.machine()}, "
+        f"compiled kernels: {'on' if _native.enabled() else 'OFF'}\n"
+    )
     print("| case | ms | G elem/s | x baseline |")
     print("| --- | ---: | ---: | ---: |")
     times = {name: timeit(fn, repeat) for name, fn in rows}

@@ -88,8 +88,10 @@ def main() -> None:
 
     print("\nTargets (compiled bf16 strategies, ratio to the baseline):")
     for strategy, target in TARGETS.items():
-        for what, name in (("Accumulator.add", f"{strategy} bf16 (compiled)"),
-                           ("step + kernel count", f"{strategy} bf16 step (compiled) + kernel count")):  # fmt: skip
+        for what, name in (
+            ("Accumulator.add", f"{strategy} bf16 (compiled)"),
+            ("step + kernel count", f"{strategy} bf16 step (compiled) + kernel count"),
+        ):
             ratio = times[name] / base
             print(f"- {strategy} <= {target}x, {what}: {ratio:.2f}x -> {'met' if ratio <= target else 'NOT met'}")
     print(

@@ -52,11 +52,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     n = args.n
 
-    print(f"# bench_generic: n = {n:,}, threads = {args.threads}, median of {args.repeat} (torch rows: "
-          f"{min(args.repeat, 3)}), 1 warm-up")  # fmt: skip
-    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f} at the start (other processes skew the times)\n")  # fmt: skip
+    print(
+        f"# bench_generic: n = {n:,}, threads = {args.threads}, median of {args.repeat} (torch rows: "
+        f"{min(args.repeat, 3)}), 1 warm-up"
+    )
+    print(
+        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} at the start (other processes skew the times)\n"
+    )
     print("| case | implementation | ms | G elem/s | x copy_ | bits equal |")
     print("| --- | --- | ---: | ---: | ---: | :---: |")
     for seed, (label, fname, mode, dtype) in enumerate(CASES):
@@ -76,8 +80,10 @@ def main() -> None:
         base = timeit(copy, args.repeat, warmup=1)
         t_torch = timeit(torch_path, min(args.repeat, 3), warmup=1)
         t_native = timeit(native, args.repeat, warmup=1)
-        same = torch.equal(out_torch.view(torch.int64 if dtype == torch.float64 else torch.int32),
-                           out_native.view(torch.int64 if dtype == torch.float64 else torch.int32))  # fmt: skip
+        same = torch.equal(
+            out_torch.view(torch.int64 if dtype == torch.float64 else torch.int32),
+            out_native.view(torch.int64 if dtype == torch.float64 else torch.int32),
+        )
         dt = str(dtype).removeprefix("torch.")
         for impl, t, eq in [
             (f"`buf.copy_(x)` {dt} (baseline)", base, ""),

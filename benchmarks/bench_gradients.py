@@ -54,16 +54,23 @@ def throughput(args: argparse.Namespace) -> None:
                 rate = {}
                 for method in ("loop", "vmap"):
                     eng = GradientEngine(wl.model, wl.loss_fn, compute, method=method, chunk_size=64)
-                    t = timeit(lambda eng=eng, x=x, y=y, n=n: sum(c.shape[0] for c in eng.micro_gradients(x, y, n)),
-                               args.repeat, 1)  # fmt: skip
+                    t = timeit(
+                        lambda eng=eng, x=x, y=y, n=n: sum(c.shape[0] for c in eng.micro_gradients(x, y, n)),
+                        args.repeat,
+                        1,
+                    )
                     rate[method] = n / t
-                print(f"| {name} | {compute} | {micro} | {rate['loop']:,.0f} | {rate['vmap']:,.0f} | "
-                      f"{rate['vmap'] / rate['loop']:.2f}x |")  # fmt: skip
+                print(
+                    f"| {name} | {compute} | {micro} | {rate['loop']:,.0f} | {rate['vmap']:,.0f} | "
+                    f"{rate['vmap'] / rate['loop']:.2f}x |"
+                )
 
 
 def curve_cost(args: argparse.Namespace) -> None:
-    print(f"\n| workload | params | one accumulation to N={args.n_max} (baseline) | whole curve "
-          f"({len(power_grid(args.n_max))} points) | ratio | one pass per N | ratio |")  # fmt: skip
+    print(
+        f"\n| workload | params | one accumulation to N={args.n_max} (baseline) | whole curve "
+        f"({len(power_grid(args.n_max))} points) | ratio | one pass per N | ratio |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, micro in (("mlp", 1), ("transformer", 1)):
         wl = make_workload(name, size=args.size)
@@ -71,8 +78,9 @@ def curve_cost(args: argparse.Namespace) -> None:
         eng = GradientEngine(wl.model, wl.loss_fn, "fp32", chunk_size=64)
         grid = power_grid(args.n_max)
 
-        def run(record: list[int], eng: GradientEngine = eng, x: torch.Tensor = x, y: torch.Tensor = y,
-                micro: int = micro) -> None:  # fmt: skip
+        def run(
+            record: list[int], eng: GradientEngine = eng, x: torch.Tensor = x, y: torch.Tensor = y, micro: int = micro
+        ) -> None:
             fixed_micro(eng, x, y, micro, record, BUFFERS, scaling="post", seed=0)
 
         run([2])  # warm-up: first-call costs (kernel compilation, allocator) stay out of the timings
@@ -86,8 +94,10 @@ def curve_cost(args: argparse.Namespace) -> None:
         for n in grid:
             run([n])
         separate = time.perf_counter() - t0
-        print(f"| {name} | {eng.num_params:,} | {one:.2f} s | {whole:.2f} s | {whole / one:.2f} | "
-              f"{separate:.2f} s | {separate / one:.2f} |")  # fmt: skip
+        print(
+            f"| {name} | {eng.num_params:,} | {one:.2f} s | {whole:.2f} s | {whole / one:.2f} | "
+            f"{separate:.2f} s | {separate / one:.2f} |"
+        )
 
 
 def main() -> None:

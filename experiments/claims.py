@@ -103,8 +103,9 @@ def _g(x: float) -> str:
 
 
 def _missing(claim: str, *names: str) -> Verdict:
-    return Verdict(claim, MISSING, [f"needs the results of {', '.join(names)}"],
-                   commands=[f"precision-lab run {n}" for n in names])  # fmt: skip
+    return Verdict(
+        claim, MISSING, [f"needs the results of {', '.join(names)}"], commands=[f"precision-lab run {n}" for n in names]
+    )
 
 
 def _eq(rows: Rows, claim: str, case: str | None = None, comparison: str | None = None) -> Rows:
@@ -113,8 +114,13 @@ def _eq(rows: Rows, claim: str, case: str | None = None, comparison: str | None 
     if not sel:
         return []
     n_max = max(int(r["n_accum"]) for r in sel)
-    return [r for r in sel if int(r["n_accum"]) == n_max and (case is None or case in r["case"])
-            and (comparison is None or comparison in r["comparison"])]  # fmt: skip
+    return [
+        r
+        for r in sel
+        if int(r["n_accum"]) == n_max
+        and (case is None or case in r["case"])
+        and (comparison is None or comparison in r["comparison"])
+    ]
 
 
 def _diff(rows: Rows) -> float:
@@ -153,8 +159,10 @@ def _c1(res: Results) -> Verdict:
     if v.verdict != MISSING:
         rows = res["equivalence"] or []
         v.evidence += [_line(r) for r in _eq(rows, "C4", "batch norm, train")]
-        v.evidence.append("it holds for per-sample losses in exact arithmetic; rounding in the buffer adds its own "
-                          "error (C5, C10), and BatchNorm in train mode couples the samples of a batch (C4)")  # fmt: skip
+        v.evidence.append(
+            "it holds for per-sample losses in exact arithmetic; rounding in the buffer adds its own "
+            "error (C5, C10), and BatchNorm in train mode couples the samples of a batch (C4)"
+        )
     return v
 
 
@@ -243,7 +251,11 @@ def _c7(res: Results) -> Verdict:
     def decide(sel: Rows) -> str:
         wrong = [r for r in sel if r["predicted"] == "differs"]
         right = [r for r in sel if r["predicted"] == "equal"]
-        return CONDITIONAL if wrong and min(float(r["rel_difference"]) for r in wrong) > EXACT and _diff(right) <= EXACT else FAILS  # fmt: skip
+        return (
+            CONDITIONAL
+            if wrong and min(float(r["rel_difference"]) for r in wrong) > EXACT and _diff(right) <= EXACT
+            else FAILS
+        )
 
     return _equivalence(
         "C7",
@@ -307,10 +319,12 @@ def _c5(res: Results) -> Verdict:
     elif hit_bias or any(n is not None for n in first_err):
         v.verdict = CONDITIONAL
     floor = [float(r["quantisation_floor"]) for r in rows if r["buffer_format"] == "bf16"]
-    v.evidence.append("micro-gradients in fp32, fixed effective batch, post scaling, mean over trials; the bf16 "
-                      f"floor (the fp64 truth rounded once to bf16) is {_g(sum(floor) / len(floor)) if floor else 'n/a'}"
-                      " on average. Where a naive buffer's error passes 1% long before its bias does, the error is "
-                      "mostly rounding noise at moderate N and turns into a bias only once updates stagnate")  # fmt: skip
+    v.evidence.append(
+        "micro-gradients in fp32, fixed effective batch, post scaling, mean over trials; the bf16 "
+        f"floor (the fp64 truth rounded once to bf16) is {_g(sum(floor) / len(floor)) if floor else 'n/a'}"
+        " on average. Where a naive buffer's error passes 1% long before its bias does, the error is "
+        "mostly rounding noise at moderate N and turns into a bias only once updates stagnate"
+    )
     v.evidence += _training_lines(res)
     if res.get("training") is not None:
         v.figures.append("training.png")
@@ -327,8 +341,12 @@ def _training_lines(res: Results) -> list[str]:
     out = []
     for w in sorted({r["workload"] for r in final}):
         n = max(int(r["n_accum"]) for r in final if r["workload"] == w)
-        loss = {run: dict(trial_means([r for r in final if r["workload"] == w and r["run"] == run], "n_accum",
-                                      "eval_loss"))[n] for run in sorted({r["run"] for r in final})}  # fmt: skip
+        loss = {
+            run: dict(
+                trial_means([r for r in final if r["workload"] == w and r["run"] == run], "n_accum", "eval_loss")
+            )[n]
+            for run in sorted({r["run"] for r in final})
+        }
         bf16 = [x for k, x in loss.items() if k.startswith("bf16")]
         text = f"training {w} at N = {n}: held-out loss " + ", ".join(f"{k} {x:.4f}" for k, x in loss.items())
         if bf16 and "fp32" in loss:
@@ -363,18 +381,27 @@ def _c8(res: Results) -> Verdict:
             + f"; peak memory {float(by_n[1]['peak_bytes']) / 2**20:.2f} MiB at N = 1, "
             f"{float(by_n[n_max]['peak_bytes']) / 2**20:.2f} MiB at N = {n_max}"
         )
-        buffers = sorted({(r["mode"], r["time_vs_pytorch"]) for r in res["overhead"] or []
-                          if r["workload"] == w and int(r["n_accum"]) == n_max and r["mode"] != "pytorch"})  # fmt: skip
+        buffers = sorted(
+            {
+                (r["mode"], r["time_vs_pytorch"])
+                for r in res["overhead"] or []
+                if r["workload"] == w and int(r["n_accum"]) == n_max and r["mode"] != "pytorch"
+            }
+        )
         if buffers:
-            v.evidence.append(f"{w}, N = {n_max}: GradientAccumulator time / PyTorch's: "
-                              + ", ".join(f"{m} {float(t):.2f}x" for m, t in buffers))  # fmt: skip
+            v.evidence.append(
+                f"{w}, N = {n_max}: GradientAccumulator time / PyTorch's: "
+                + ", ".join(f"{m} {float(t):.2f}x" for m, t in buffers)
+            )
     if all(memory_falls):
         v.verdict = CONDITIONAL if any(slower_small) and any(fast_large) else (HOLDS if any(slower_small) else FAILS)
     else:
         v.verdict = FAILS
-    v.evidence.append("the overhead is the fixed cost per micro-batch (kernel launches, Python and autograd "
-                      "bookkeeping) over less work per call: it depends on the micro-batch size, not on "
-                      "accumulation as such")  # fmt: skip
+    v.evidence.append(
+        "the overhead is the fixed cost per micro-batch (kernel launches, Python and autograd "
+        "bookkeeping) over less work per call: it depends on the micro-batch size, not on "
+        "accumulation as such"
+    )
     return v
 
 
@@ -390,16 +417,21 @@ def _c9(res: Results) -> Verdict:
     e_ns, e_ev = (float(at[("fp64", "native", m)]["rel_l2_error"]) for m in ("no_sync", "every_step"))
     if once and every and max(e_ns, e_ev) <= EXACT:
         v.verdict = HOLDS
-    v.evidence.append(f"N = {n_max} micro-batches per rank, {rows[0]['world_size']} ranks: no_sync all-reduces "
-                      f"{at[('fp64', 'native', 'no_sync')]['allreduces']} time(s) per step, every-step "
-                      f"{at[('fp64', 'native', 'every_step')]['allreduces']} times")  # fmt: skip
-    v.evidence.append(f"fp64 model, relative error vs the single-process large batch: no_sync {_g(e_ns)}, every "
-                      f"step {_g(e_ev)}")  # fmt: skip
+    v.evidence.append(
+        f"N = {n_max} micro-batches per rank, {rows[0]['world_size']} ranks: no_sync all-reduces "
+        f"{at[('fp64', 'native', 'no_sync')]['allreduces']} time(s) per step, every-step "
+        f"{at[('fp64', 'native', 'every_step')]['allreduces']} times"
+    )
+    v.evidence.append(
+        f"fp64 model, relative error vs the single-process large batch: no_sync {_g(e_ns)}, every step {_g(e_ev)}"
+    )
     key = ("fp32", "bf16")
     if all((*key, m) in at for m in ("no_sync", "every_step")):
-        v.evidence.append(f"with a bf16-compressed all-reduce the error is {_g(float(at[(*key, 'no_sync')]['rel_l2_error']))} "
-                          f"with no_sync and {_g(float(at[(*key, 'every_step')]['rel_l2_error']))} every step: "
-                          "fewer lossy reductions, smaller error")  # fmt: skip
+        v.evidence.append(
+            f"with a bf16-compressed all-reduce the error is {_g(float(at[(*key, 'no_sync')]['rel_l2_error']))} "
+            f"with no_sync and {_g(float(at[(*key, 'every_step')]['rel_l2_error']))} every step: "
+            "fewer lossy reductions, smaller error"
+        )
     return v
 
 
@@ -415,8 +447,12 @@ def _c10(res: Results) -> Verdict:
         for compute in sorted({r["compute_format"] for r in rows if r["workload"] == w}, key=lambda c: c != "fp32"):
 
             def err(fmt: str, strategy: str, w: str = w, n_max: int = n_max, compute: str = compute) -> float:
-                sel = [r for r in rows if (r["workload"], r["compute_format"], r["buffer_format"], r["strategy"])
-                       == (w, compute, fmt, strategy)]  # fmt: skip
+                sel = [
+                    r
+                    for r in rows
+                    if (r["workload"], r["compute_format"], r["buffer_format"], r["strategy"])
+                    == (w, compute, fmt, strategy)
+                ]
                 return _mean_at(sel, "rel_l2_error")[n_max] if sel else math.nan
 
             fp32 = err("fp32", "naive")
@@ -426,19 +462,22 @@ def _c10(res: Results) -> Verdict:
                 if strategy != "naive":
                     close.setdefault((compute, strategy), []).append(e <= 1.1 * fp32)  # NaN: not close
                 parts.append(f"{strategy} {_g(e)}")
-            v.evidence.append(f"{w}, {compute} micro-gradients, N = {n_max}: bf16 " + ", ".join(parts)
-                              + f" vs fp32 naive {_g(fp32)}")  # fmt: skip
+            v.evidence.append(
+                f"{w}, {compute} micro-gradients, N = {n_max}: bf16 " + ", ".join(parts) + f" vs fp32 naive {_g(fp32)}"
+            )
     if all(all(x) for x in close.values()) and close:
         v.verdict = HOLDS
     elif any(all(x) for x in close.values()):
         v.verdict = CONDITIONAL
-    v.evidence.append("a buffer rounds each micro-gradient to its format before adding it, so with fp32 "
-                      "micro-gradients no bf16 buffer can match fp32: Kahan gets down to the error of that rounding "
-                      "(the input floor), no further. With micro-gradients already in bf16 that rounding is common "
-                      "to every buffer, and the comparison is between the sums alone. Kahan's value is read as "
-                      "s - c in fp64 here; written to a bf16 p.grad it is rounded once more. Stochastic rounding "
-                      "removes stagnation's bias but adds variance, and is worse than round-to-nearest until "
-                      "stagnation")  # fmt: skip
+    v.evidence.append(
+        "a buffer rounds each micro-gradient to its format before adding it, so with fp32 "
+        "micro-gradients no bf16 buffer can match fp32: Kahan gets down to the error of that rounding "
+        "(the input floor), no further. With micro-gradients already in bf16 that rounding is common "
+        "to every buffer, and the comparison is between the sums alone. Kahan's value is read as "
+        "s - c in fp64 here; written to a bf16 p.grad it is rounded once more. Stochastic rounding "
+        "removes stagnation's bias but adds variance, and is worse than round-to-nearest until "
+        "stagnation"
+    )
     pareto = res.get("memory-pareto")
     if pareto is not None:
         v.figures.append("memory_pareto.png")
@@ -449,8 +488,10 @@ def _c10(res: Results) -> Verdict:
                 sel = [r for r in pareto if (r["workload"], r["buffer_format"], r["strategy"]) == (w, fmt, strategy)]
                 return _mean_at(sel, "rel_l2_error")[n_max]
 
-            v.evidence.append(f"same 4 bytes per parameter ({w}, N = {n_max}): bf16 Kahan {_g(perr('bf16', 'kahan'))} "
-                              f"vs fp32 naive {_g(perr('fp32', 'naive'))}")  # fmt: skip
+            v.evidence.append(
+                f"same 4 bytes per parameter ({w}, N = {n_max}): bf16 Kahan {_g(perr('bf16', 'kahan'))} "
+                f"vs fp32 naive {_g(perr('fp32', 'naive'))}"
+            )
     v.evidence += _training_lines(res)
     if res.get("training") is not None:
         v.figures.append("training.png")
@@ -458,9 +499,17 @@ def _c10(res: Results) -> Verdict:
 
 
 EVALUATORS: dict[str, Callable[[Results], Verdict]] = {
-    "C1": _c1, "C2": _c2, "C3": _c3, "C4": _c4, "C5": _c5,
-    "C6": _c6, "C7": _c7, "C8": _c8, "C9": _c9, "C10": _c10,
-}  # fmt: skip
+    "C1": _c1,
+    "C2": _c2,
+    "C3": _c3,
+    "C4": _c4,
+    "C5": _c5,
+    "C6": _c6,
+    "C7": _c7,
+    "C8": _c8,
+    "C9": _c9,
+    "C10": _c10,
+}
 
 
 def evaluate(res: Results) -> list[Verdict]:

@@ -35,8 +35,20 @@ from precision_lab.results import read_csv
 from precision_lab.sweep import run_tasks, stable_seed
 
 NAME = "ddp"
-COLUMNS = ("experiment", "workload", "model_format", "allreduce_format", "mode", "n_accum", "micro_batch",
-           "world_size", "seed", "allreduces", "rel_l2_error", "max_abs_diff_vs_single_process")  # fmt: skip
+COLUMNS = (
+    "experiment",
+    "workload",
+    "model_format",
+    "allreduce_format",
+    "mode",
+    "n_accum",
+    "micro_batch",
+    "world_size",
+    "seed",
+    "allreduces",
+    "rel_l2_error",
+    "max_abs_diff_vs_single_process",
+)
 _DTYPE = {"fp64": torch.float64, "fp32": torch.float32}
 # plain DDP with no_sync on all but the last micro-step; an all-reduce after every micro-step; and
 # no_sync with precision_lab's GradientAccumulator(ddp=...) buffers (the parameter's own format, which
@@ -122,20 +134,37 @@ def _worker(rank: int, world: int, rendezvous: str, config: dict[str, Any], seed
                     got = flat_gradients(model.module)
                     total = torch.tensor([calls[0]])
                     dist.all_reduce(total)  # all ranks call the hook equally; check it
-                    rows.append({"experiment": NAME, "workload": cfg.workload, "model_format": mfmt,
-                                 "allreduce_format": afmt, "mode": mode, "n_accum": n,
-                                 "micro_batch": cfg.micro_batch, "world_size": world, "seed": data_seed,
-                                 "allreduces": calls[0] if int(total) == world * calls[0] else -1,
-                                 "rel_l2_error": metrics.rel_l2_error(got, truth),
-                                 "max_abs_diff_vs_single_process": float((got - single_grad).abs().max())})  # fmt: skip
+                    rows.append(
+                        {
+                            "experiment": NAME,
+                            "workload": cfg.workload,
+                            "model_format": mfmt,
+                            "allreduce_format": afmt,
+                            "mode": mode,
+                            "n_accum": n,
+                            "micro_batch": cfg.micro_batch,
+                            "world_size": world,
+                            "seed": data_seed,
+                            "allreduces": calls[0] if int(total) == world * calls[0] else -1,
+                            "rel_l2_error": metrics.rel_l2_error(got, truth),
+                            "max_abs_diff_vs_single_process": float((got - single_grad).abs().max()),
+                        }
+                    )
     if rank == 0:
         Path(out_file).write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu",
-        shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
+def run(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> Path | None:
     """Start ``world_size`` gloo processes, measure, write ``results.csv`` (one task: the whole grid)."""
     if device != "cpu":
         raise ValueError(f"the ddp experiment runs gloo on CPU processes; --device {device!r} is not supported here")
@@ -147,13 +176,26 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
 
         with tempfile.TemporaryDirectory() as tmp:
             out_file = os.path.join(tmp, "rows.json")
-            mp.spawn(_worker, args=(config.world_size, os.path.join(tmp, "rendezvous"), dataclasses.asdict(config),
-                                    seed, out_file), nprocs=config.world_size, join=True)  # fmt: skip
+            mp.spawn(
+                _worker,
+                args=(config.world_size, os.path.join(tmp, "rendezvous"), dataclasses.asdict(config), seed, out_file),
+                nprocs=config.world_size,
+                join=True,
+            )
             return json.loads(Path(out_file).read_text())
 
-    return run_tasks(NAME, out_dir, [{"world_size": config.world_size}], work, columns=COLUMNS,
-                     config=dataclasses.asdict(config), seed=seed, device=device, shard=shard,
-                     progress=progress)  # fmt: skip
+    return run_tasks(
+        NAME,
+        out_dir,
+        [{"world_size": config.world_size}],
+        work,
+        columns=COLUMNS,
+        config=dataclasses.asdict(config),
+        seed=seed,
+        device=device,
+        shard=shard,
+        progress=progress,
+    )
 
 
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
@@ -165,8 +207,10 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     styles = dict(zip(MODES, ("-", "--", ":", "-."), strict=True))
     for i, (mfmt, afmt) in enumerate(sorted({(r["model_format"], r["allreduce_format"]) for r in rows})):
         for mode, ls in styles.items():
-            sel = sorted((r for r in rows if (r["model_format"], r["allreduce_format"], r["mode"]) == (mfmt, afmt, mode)),
-                         key=lambda r: int(r["n_accum"]))  # fmt: skip
+            sel = sorted(
+                (r for r in rows if (r["model_format"], r["allreduce_format"], r["mode"]) == (mfmt, afmt, mode)),
+                key=lambda r: int(r["n_accum"]),
+            )
             ns = [int(r["n_accum"]) for r in sel]
             marker = "osx+"[MODES.index(mode)]  # coinciding modes stay visible as overlaid markers
             kw = {

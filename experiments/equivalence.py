@@ -30,8 +30,17 @@ from precision_lab.sweep import run_tasks, stable_seed
 from precision_lab.workloads import make_workload
 
 NAME = "equivalence"
-COLUMNS = ("experiment", "claim", "case", "comparison", "n_accum", "predicted", "rel_difference", "bit_identical",
-           "as_predicted")  # fmt: skip
+COLUMNS = (
+    "experiment",
+    "claim",
+    "case",
+    "comparison",
+    "n_accum",
+    "predicted",
+    "rel_difference",
+    "bit_identical",
+    "as_predicted",
+)
 TOL = 2.0**-40  # fp64: the same quantity by two summation orders (see tests/test_gradients.py)
 
 
@@ -62,8 +71,14 @@ def _net(norm: str | None, hidden: int, seed: int, dropout: str | None = None) -
         torch.manual_seed(seed)
         for i, (a, b) in enumerate(((64, hidden), (hidden, hidden))):
             layers.append(nn.Linear(a, b))
-            layers.append({"batch": nn.BatchNorm1d(b), "layer": nn.LayerNorm(b), "group": nn.GroupNorm(4, b),
-                           None: nn.Identity()}[norm])  # fmt: skip
+            layers.append(
+                {
+                    "batch": nn.BatchNorm1d(b),
+                    "layer": nn.LayerNorm(b),
+                    "group": nn.GroupNorm(4, b),
+                    None: nn.Identity(),
+                }[norm]
+            )
             layers.append(nn.Tanh())
             if dropout == "stock":
                 layers.append(nn.Dropout(0.3))
@@ -85,8 +100,15 @@ class _TokenModel(nn.Module):
         return self.out(torch.tanh(self.emb(ids)))
 
 
-def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu",
-        shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
+def run(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> Path | None:
     """Compute every comparison (one task: they take seconds); returns ``results.csv``."""
     if device != "cpu":
         raise ValueError(f"the equivalence experiment runs in fp64 on CPU; --device {device!r} is not supported")
@@ -94,13 +116,24 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
     def work(task: dict[str, Any]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
 
-        def add(claim: str, case: str, comparison: str, n: int, predicted: str, lhs: torch.Tensor,
-                rhs: torch.Tensor) -> None:  # fmt: skip
+        def add(
+            claim: str, case: str, comparison: str, n: int, predicted: str, lhs: torch.Tensor, rhs: torch.Tensor
+        ) -> None:
             rel, same = _compare(lhs, rhs)
             ok = (rel <= TOL) if predicted == "equal" else (rel > TOL)
-            rows.append({"experiment": NAME, "claim": claim, "case": case, "comparison": comparison, "n_accum": n,
-                         "predicted": predicted, "rel_difference": rel, "bit_identical": int(same),
-                         "as_predicted": int(ok)})  # fmt: skip
+            rows.append(
+                {
+                    "experiment": NAME,
+                    "claim": claim,
+                    "case": case,
+                    "comparison": comparison,
+                    "n_accum": n,
+                    "predicted": predicted,
+                    "rel_difference": rel,
+                    "bit_identical": int(same),
+                    "as_predicted": int(ok),
+                }
+            )
 
         digits = make_workload("mlp", seed=seed, size="quick", warmup_steps=0)
         for n in config.n_values:
@@ -121,44 +154,94 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
                 big,
             )
             # C2: without the 1/N the accumulated gradient is N times too large
-            add("C2", "MLP, digits", "loss not divided by N vs large batch", n, "differs",
-                eq.accumulated_gradient(net, x, y, n) * n, big)  # fmt: skip
+            add(
+                "C2",
+                "MLP, digits",
+                "loss not divided by N vs large batch",
+                n,
+                "differs",
+                eq.accumulated_gradient(net, x, y, n) * n,
+                big,
+            )
             sgd = eq.OptimizerSpec("sgd", lr=0.1)
             first = steps[:1]
-            upd = {c: eq.accumulated_update(net, first, n, sgd, convention=c) for c in ("sum", "loss_div_n",
-                                                                                       "large_batch",
-                                                                                       "zero_grad_every_step")}  # fmt: skip
+            upd = {
+                c: eq.accumulated_update(net, first, n, sgd, convention=c)
+                for c in ("sum", "loss_div_n", "large_batch", "zero_grad_every_step")
+            }
             add("C2", "MLP, SGD", "update, loss/N vs large batch", n, "equal", upd["loss_div_n"], upd["large_batch"])
-            add("C2", "MLP, SGD", "update, loss not divided vs large batch", n, "differs", upd["sum"],
-                upd["large_batch"])  # fmt: skip
+            add(
+                "C2",
+                "MLP, SGD",
+                "update, loss not divided vs large batch",
+                n,
+                "differs",
+                upd["sum"],
+                upd["large_batch"],
+            )
             # C3: zero_grad at every micro-step: the update is the last micro-batch's gradient / N
-            add("C3", "MLP, SGD", "zero_grad every micro-step vs large batch", n, "differs",
-                upd["zero_grad_every_step"], upd["large_batch"])  # fmt: skip
+            add(
+                "C3",
+                "MLP, SGD",
+                "zero_grad every micro-step vs large batch",
+                n,
+                "differs",
+                upd["zero_grad_every_step"],
+                upd["large_batch"],
+            )
             xs, ys = first[0]
             last = eq.accumulated_gradient(net, xs[-config.micro_batch :], ys[-config.micro_batch :], 1)
-            add("C3", "MLP, SGD", "zero_grad every micro-step vs -lr * g_last / N", n, "equal",
-                upd["zero_grad_every_step"], -sgd.lr * last / n)  # fmt: skip
+            add(
+                "C3",
+                "MLP, SGD",
+                "zero_grad every micro-step vs -lr * g_last / N",
+                n,
+                "equal",
+                upd["zero_grad_every_step"],
+                -sgd.lr * last / n,
+            )
             # C4: the model is frozen within the window -- but BatchNorm and dropout see micro-batches
-            for norm, mode, predicted in (("batch", "train", "differs"), ("batch", "eval", "equal"),
-                                          ("layer", "train", "equal"), ("group", "train", "equal")):  # fmt: skip
+            for norm, mode, predicted in (
+                ("batch", "train", "differs"),
+                ("batch", "eval", "equal"),
+                ("layer", "train", "equal"),
+                ("group", "train", "equal"),
+            ):
                 m = _net(norm, config.hidden, seed)
                 m.train(mode == "train")
-                add("C4", f"{norm} norm, {mode} mode", "accumulated vs large batch", n, predicted,
-                    eq.accumulated_gradient(m, x, y, n), eq.accumulated_gradient(m, x, y, 1))  # fmt: skip
+                add(
+                    "C4",
+                    f"{norm} norm, {mode} mode",
+                    "accumulated vs large batch",
+                    n,
+                    predicted,
+                    eq.accumulated_gradient(m, x, y, n),
+                    eq.accumulated_gradient(m, x, y, 1),
+                )
             for kind, predicted in (("stock", "differs"), ("keyed", "equal")):
                 m = _net(None, config.hidden, seed, dropout=kind)
-                add("C4", f"dropout ({'torch.nn.Dropout, 2 layers' if kind == 'stock' else 'masks keyed by sample'})",
-                    "accumulated vs large batch", n, predicted, eq.accumulated_gradient(m, x, y, n, seed=1),
-                    eq.accumulated_gradient(m, x, y, 1, seed=1))  # fmt: skip
+                add(
+                    "C4",
+                    f"dropout ({'torch.nn.Dropout, 2 layers' if kind == 'stock' else 'masks keyed by sample'})",
+                    "accumulated vs large batch",
+                    n,
+                    predicted,
+                    eq.accumulated_gradient(m, x, y, n, seed=1),
+                    eq.accumulated_gradient(m, x, y, 1, seed=1),
+                )
             # C6: lr/N vs loss/N, over several steps
             specs: list[tuple[str, eq.OptimizerSpec, str, Callable[[eq.OptimizerSpec], eq.OptimizerSpec] | None]] = [
                 ("SGD", sgd, "equal", None),
                 ("SGD, momentum 0.9", sgd.replace(momentum=0.9), "equal", None),
-                ("SGD, weight decay 0.1", sgd.replace(weight_decay=0.1), "differs",
-                 lambda s, n=n: s.replace(weight_decay=s.weight_decay * n)),
+                (
+                    "SGD, weight decay 0.1",
+                    sgd.replace(weight_decay=0.1),
+                    "differs",
+                    lambda s, n=n: s.replace(weight_decay=s.weight_decay * n),
+                ),
                 ("Adam", eq.OptimizerSpec("adam", lr=1e-2), "differs", None),
                 ("AdamW, weight decay 0.1", eq.OptimizerSpec("adamw", lr=1e-2, weight_decay=0.1), "differs", None),
-            ]  # fmt: skip
+            ]
             for case, spec, predicted, fix in specs:
                 ref = eq.train(net, steps, n, spec, convention="loss_div_n")
                 add(
@@ -171,11 +254,25 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
                     ref,
                 )
                 if fix is not None:
-                    add("C6", case, "lr/N with weight decay x N vs loss/N", n, "equal",
-                        eq.train(net, steps, n, fix(spec), convention="lr_div_n"), ref)  # fmt: skip
+                    add(
+                        "C6",
+                        case,
+                        "lr/N with weight decay x N vs loss/N",
+                        n,
+                        "equal",
+                        eq.train(net, steps, n, fix(spec), convention="lr_div_n"),
+                        ref,
+                    )
                 if spec.name in ("adam", "adamw"):  # what holds: Adam is invariant to the loss scale up to eps
-                    add("C6", case, "loss not divided, eps x N vs loss/N", n, "equal",
-                        eq.train(net, steps, n, spec.replace(eps=spec.eps * n), convention="sum"), ref)  # fmt: skip
+                    add(
+                        "C6",
+                        case,
+                        "loss not divided, eps x N vs loss/N",
+                        n,
+                        "equal",
+                        eq.train(net, steps, n, spec.replace(eps=spec.eps * n), convention="sum"),
+                        ref,
+                    )
         # C7: token-count normalisation (variable lengths) and the partial last window
         text = make_workload("transformer", seed=seed, size="quick", warmup_steps=0)
         vocab = text.model.vocab
@@ -191,25 +288,67 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
                 mask = torch.arange(ids.shape[1]) < lengths[:, None]
                 micro.append(eq.TokenBatch(ids, tgt, mask))
             big = eq.token_gradient(tok, micro, normalisation="large_batch")
-            add("C7", "variable-length text", "mean of per-micro-batch token means vs large batch", n, "differs",
-                eq.token_gradient(tok, micro, normalisation="mean_of_means"), big)  # fmt: skip
-            add("C7", "variable-length text", "sum / global token count vs large batch", n, "equal",
-                eq.token_gradient(tok, micro, normalisation="global_token_mean"), big)  # fmt: skip
+            add(
+                "C7",
+                "variable-length text",
+                "mean of per-micro-batch token means vs large batch",
+                n,
+                "differs",
+                eq.token_gradient(tok, micro, normalisation="mean_of_means"),
+                big,
+            )
+            add(
+                "C7",
+                "variable-length text",
+                "sum / global token count vs large batch",
+                n,
+                "equal",
+                eq.token_gradient(tok, micro, normalisation="global_token_mean"),
+                big,
+            )
             m = n + 1 if n > 1 else 3  # an epoch of n + 1 micro-batches: the last window holds 1 of N
             xs, ys = digits.sample(m * config.micro_batch, g)
-            micro_xy = [(xs[i * config.micro_batch : (i + 1) * config.micro_batch],
-                         ys[i * config.micro_batch : (i + 1) * config.micro_batch]) for i in range(m)]  # fmt: skip
+            micro_xy = [
+                (
+                    xs[i * config.micro_batch : (i + 1) * config.micro_batch],
+                    ys[i * config.micro_batch : (i + 1) * config.micro_batch],
+                )
+                for i in range(m)
+            ]
             net = _net(None, config.hidden, seed)
             truth = eq.window_gradients(net, micro_xy, n, mode="large_batch")[-1]
-            add("C7", "partial last window (1 of N)", "loss / N vs the window's large batch", n, "differs",
-                eq.window_gradients(net, micro_xy, n, mode="divide_by_n")[-1], truth)  # fmt: skip
-            add("C7", "partial last window (1 of N)", "loss / window size vs the window's large batch", n, "equal",
-                eq.window_gradients(net, micro_xy, n, mode="divide_by_window")[-1], truth)  # fmt: skip
+            add(
+                "C7",
+                "partial last window (1 of N)",
+                "loss / N vs the window's large batch",
+                n,
+                "differs",
+                eq.window_gradients(net, micro_xy, n, mode="divide_by_n")[-1],
+                truth,
+            )
+            add(
+                "C7",
+                "partial last window (1 of N)",
+                "loss / window size vs the window's large batch",
+                n,
+                "equal",
+                eq.window_gradients(net, micro_xy, n, mode="divide_by_window")[-1],
+                truth,
+            )
         return rows
 
-    return run_tasks(NAME, out_dir, [{"claims": "C1-C4,C6,C7"}], work, columns=COLUMNS,
-                     config=dataclasses.asdict(config), seed=seed, device=device, shard=shard,
-                     progress=progress)  # fmt: skip
+    return run_tasks(
+        NAME,
+        out_dir,
+        [{"claims": "C1-C4,C6,C7"}],
+        work,
+        columns=COLUMNS,
+        config=dataclasses.asdict(config),
+        seed=seed,
+        device=device,
+        shard=shard,
+        progress=progress,
+    )
 
 
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
@@ -229,6 +368,8 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     ax.set_yticks(range(len(sel)), labels, fontsize=6)
     ax.invert_yaxis()
     ax.set_xlabel(f"max |lhs - rhs| / max |rhs| at N = {n_max} (fp64; dotted: 2^-40; 0 drawn at 1e-18)")
-    ax.set_title("Gradient accumulation vs one large batch, fp64\nblue: the maths says equal; orange: it says different",
-                 fontsize=9)  # fmt: skip
+    ax.set_title(
+        "Gradient accumulation vs one large batch, fp64\nblue: the maths says equal; orange: it says different",
+        fontsize=9,
+    )
     return [save_figure(fig, fig_dir, NAME)]

@@ -83,19 +83,51 @@ from precision_lab.results import read_csv
 from precision_lab.sweep import TrialData, fixed_effective, run_tasks, stable_seed
 
 NAME = "memory-pareto"
-COLUMNS = ("experiment", "workload", "compute_format", "buffer_format", "strategy", "scaling", "n_accum",
-           "micro_batch", "effective_batch", "trial", "seed", "arrays", "bytes_per_param",
-           "emulated_bytes_per_param", *metrics.METRIC_NAMES, "quantisation_floor", "input_floor")  # fmt: skip
+COLUMNS = (
+    "experiment",
+    "workload",
+    "compute_format",
+    "buffer_format",
+    "strategy",
+    "scaling",
+    "n_accum",
+    "micro_batch",
+    "effective_batch",
+    "trial",
+    "seed",
+    "arrays",
+    "bytes_per_param",
+    "emulated_bytes_per_param",
+    *metrics.METRIC_NAMES,
+    "quantisation_floor",
+    "input_floor",
+)
 
 # Every buffer a reader would consider at 1 to 16 bytes per parameter.
 DEFAULT_BUFFERS: tuple[tuple[str, str], ...] = (
-    ("fp64", "naive"), ("fp64", "exact"),
-    ("fp32", "naive"), ("fp32", "kahan"), ("fp32", "stochastic"), ("fp32", "pairwise"),
-    ("bf16", "naive"), ("bf16", "kahan"), ("bf16", "stochastic"), ("bf16", "pairwise"),
-    ("fp16", "naive"), ("fp16", "kahan"), ("fp16", "stochastic"), ("fp16", "pairwise"),
-    ("fp8_e4m3", "naive"), ("fp8_e4m3", "kahan"), ("fp8_e4m3", "stochastic"), ("fp8_e4m3", "pairwise"),
-    ("fp8_e5m2", "naive"), ("fp8_e5m2", "kahan"), ("fp8_e5m2", "stochastic"), ("fp8_e5m2", "pairwise"),
-)  # fmt: skip
+    ("fp64", "naive"),
+    ("fp64", "exact"),
+    ("fp32", "naive"),
+    ("fp32", "kahan"),
+    ("fp32", "stochastic"),
+    ("fp32", "pairwise"),
+    ("bf16", "naive"),
+    ("bf16", "kahan"),
+    ("bf16", "stochastic"),
+    ("bf16", "pairwise"),
+    ("fp16", "naive"),
+    ("fp16", "kahan"),
+    ("fp16", "stochastic"),
+    ("fp16", "pairwise"),
+    ("fp8_e4m3", "naive"),
+    ("fp8_e4m3", "kahan"),
+    ("fp8_e4m3", "stochastic"),
+    ("fp8_e4m3", "pairwise"),
+    ("fp8_e5m2", "naive"),
+    ("fp8_e5m2", "kahan"),
+    ("fp8_e5m2", "stochastic"),
+    ("fp8_e5m2", "pairwise"),
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,8 +188,9 @@ def emulated_bytes_per_param(fmt: str, strategy: str, n_accum: int) -> int:
 FRONT_RTOL = 0.05
 
 
-def pareto_front(points: Iterable[tuple[Hashable, float, float]], *,
-                 rtol: float = 0.0) -> list[tuple[Hashable, float, float]]:  # fmt: skip
+def pareto_front(
+    points: Iterable[tuple[Hashable, float, float]], *, rtol: float = 0.0
+) -> list[tuple[Hashable, float, float]]:
     """The non-dominated ``(key, bytes, error)`` points, sorted by bytes then error then key.
 
     q dominates p when q has no more bytes, an error no larger than p's times (1 + rtol), and is
@@ -187,8 +220,9 @@ def pareto_front(points: Iterable[tuple[Hashable, float, float]], *,
     return sorted((p for p in ok if not dominated(p)), key=lambda p: (p[1], p[2], str(p[0])))
 
 
-def summarise(rows: Sequence[dict[str, str]], *,
-              rtol: float = FRONT_RTOL) -> dict[tuple[str, int], list[dict[str, Any]]]:  # fmt: skip
+def summarise(
+    rows: Sequence[dict[str, str]], *, rtol: float = FRONT_RTOL
+) -> dict[tuple[str, int], list[dict[str, Any]]]:
     """Trial means per (workload, N) and buffer: format, strategy, bytes, error, floors, on_front.
 
     Rows are those of ``results.csv`` (strings); ``on_front``: on :func:`pareto_front` with ``rtol``.
@@ -206,11 +240,23 @@ def summarise(rows: Sequence[dict[str, str]], *,
             def mean(col: str, rs: list[dict[str, str]] = rs) -> float:
                 return sum(float(r[col]) for r in rs) / len(rs)
 
-            entries.append({"buffer_format": fmt, "strategy": strategy, "bytes": float(rs[0]["bytes_per_param"]),
-                            "error": mean("rel_l2_error"), "input_floor": mean("input_floor"),
-                            "quantisation_floor": mean("quantisation_floor"), "trials": len(rs)})  # fmt: skip
-        front = {k for k, _, _ in pareto_front((((e["buffer_format"], e["strategy"]), e["bytes"], e["error"])
-                                                for e in entries), rtol=rtol)}  # fmt: skip
+            entries.append(
+                {
+                    "buffer_format": fmt,
+                    "strategy": strategy,
+                    "bytes": float(rs[0]["bytes_per_param"]),
+                    "error": mean("rel_l2_error"),
+                    "input_floor": mean("input_floor"),
+                    "quantisation_floor": mean("quantisation_floor"),
+                    "trials": len(rs),
+                }
+            )
+        front = {
+            k
+            for k, _, _ in pareto_front(
+                (((e["buffer_format"], e["strategy"]), e["bytes"], e["error"]) for e in entries), rtol=rtol
+            )
+        }
         for e in entries:
             e["on_front"] = (e["buffer_format"], e["strategy"]) in front
         out[panel] = sorted(entries, key=lambda e: (e["bytes"], e["buffer_format"], e["strategy"]))
@@ -255,8 +301,10 @@ class Config:
     def tasks(self) -> list[dict[str, Any]]:
         """One task per (workload, N, trial); every buffer shares its pass.  Validates the config."""
         if not len(self.workloads) == len(self.effective_batch) == len(self.n_accum):
-            raise ValueError(f"effective_batch {self.effective_batch} and n_accum {self.n_accum} need one entry "
-                             f"per workload {self.workloads}")  # fmt: skip
+            raise ValueError(
+                f"effective_batch {self.effective_batch} and n_accum {self.n_accum} need one entry "
+                f"per workload {self.workloads}"
+            )
         if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
             raise ValueError(f"trials must be an integer >= 1, got {self.trials!r}")
         if not self.buffers:
@@ -271,13 +319,23 @@ class Config:
                 raise ValueError(f"n_accum for effective batch {e} is empty")
             for n in ns:
                 split(e, n)  # N < 1 or N not dividing E: ValueError naming both
-        return [{"workload": w, "n_accum": n, "trial": t}
-                for w, ns in zip(self.workloads, self.n_accum, strict=True) for n in ns
-                for t in range(self.trials)]  # fmt: skip
+        return [
+            {"workload": w, "n_accum": n, "trial": t}
+            for w, ns in zip(self.workloads, self.n_accum, strict=True)
+            for n in ns
+            for t in range(self.trials)
+        ]
 
 
-def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu",
-        shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
+def run(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> Path | None:
     """Run (or resume) the sweep; returns ``results.csv`` once the whole grid is done."""
     tasks = config.tasks()  # validate before building anything
     trials = TrialData.for_config(config, seed=seed, device=device)
@@ -302,23 +360,43 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
             fmt, strategy = r["buffer_format"], r["strategy"]
             if (fmt, strategy) not in buffers:
                 continue  # a floor-only accumulator
-            rows.append({"experiment": NAME, "workload": w, "compute_format": config.compute_format,
-                         "scaling": "post", "micro_batch": batch[w] // n, "effective_batch": batch[w],
-                         "trial": trial, "seed": data_seed, "arrays": buffer_arrays(strategy, n),
-                         "bytes_per_param": bytes_per_param(fmt, strategy, n),
-                         "emulated_bytes_per_param": emulated_bytes_per_param(fmt, strategy, n), **r,
-                         "input_floor": floor[fmt]})  # fmt: skip
+            rows.append(
+                {
+                    "experiment": NAME,
+                    "workload": w,
+                    "compute_format": config.compute_format,
+                    "scaling": "post",
+                    "micro_batch": batch[w] // n,
+                    "effective_batch": batch[w],
+                    "trial": trial,
+                    "seed": data_seed,
+                    "arrays": buffer_arrays(strategy, n),
+                    "bytes_per_param": bytes_per_param(fmt, strategy, n),
+                    "emulated_bytes_per_param": emulated_bytes_per_param(fmt, strategy, n),
+                    **r,
+                    "input_floor": floor[fmt],
+                }
+            )
         return rows
 
-    return run_tasks(NAME, out_dir, tasks, work, columns=COLUMNS, config=dataclasses.asdict(config), seed=seed,
-                     device=device, shard=shard, progress=progress)  # fmt: skip
+    return run_tasks(
+        NAME,
+        out_dir,
+        tasks,
+        work,
+        columns=COLUMNS,
+        config=dataclasses.asdict(config),
+        seed=seed,
+        device=device,
+        shard=shard,
+        progress=progress,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # the figure
 # --------------------------------------------------------------------------------------------------
-FORMAT_MARKERS: dict[str, str] = {"fp64": "D", "fp32": "o", "bf16": "s", "fp16": "^", "fp8_e4m3": "v",
-                                  "fp8_e5m2": "<"}  # fmt: skip
+FORMAT_MARKERS: dict[str, str] = {"fp64": "D", "fp32": "o", "bf16": "s", "fp16": "^", "fp8_e4m3": "v", "fp8_e5m2": "<"}
 _OTHER_MARKERS = ("P", "X", "h", "*", "p", ">")
 _FLOOR_STYLES = {"bf16": "--", "fp16": ":"}  # the input floors drawn (the 2-byte formats; fp32's is fp64 exact)
 
@@ -335,13 +413,22 @@ def _annotate_equal_bytes(ax: Any, entries: list[dict[str, Any]]) -> None:
     if a is None or b is None or not (math.isfinite(a["error"]) and math.isfinite(b["error"])) or a["error"] <= 0:
         return
     x = a["bytes"] * 2**0.3
-    ax.annotate("", xy=(x, a["error"]), xytext=(x, b["error"]),
-                arrowprops={"arrowstyle": "<->", "color": PALETTE["black"], "linewidth": 0.8})  # fmt: skip
+    ax.annotate(
+        "",
+        xy=(x, a["error"]),
+        xytext=(x, b["error"]),
+        arrowprops={"arrowstyle": "<->", "color": PALETTE["black"], "linewidth": 0.8},
+    )
     ratio = b["error"] / a["error"]
     word = "better" if ratio > 1 else "worse"
-    ax.text(x * 2**0.08, math.sqrt(a["error"] * b["error"]),
-            f"same {a['bytes']:g} B:\nfp32 naive\n{float(f'{max(ratio, 1 / ratio):.2g}'):,g}x {word}\nthan bf16 kahan",
-            fontsize=7, va="center", ha="left")  # fmt: skip
+    ax.text(
+        x * 2**0.08,
+        math.sqrt(a["error"] * b["error"]),
+        f"same {a['bytes']:g} B:\nfp32 naive\n{float(f'{max(ratio, 1 / ratio):.2g}'):,g}x {word}\nthan bf16 kahan",
+        fontsize=7,
+        va="center",
+        ha="left",
+    )
 
 
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
@@ -380,17 +467,32 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
             for e in entries:
                 x = e["bytes"] * dodge.get(e["strategy"], 1.0)
                 on = e["on_front"]
-                ax.plot([x], [e["error"]], linestyle="none", marker=markers[e["buffer_format"]], markersize=6.5,
-                        color=STRATEGY_COLORS.get(e["strategy"], PALETTE["purple"]), markeredgecolor="black",
-                        markeredgewidth=1.1 if on else 0.0, zorder=3)  # fmt: skip
+                ax.plot(
+                    [x],
+                    [e["error"]],
+                    linestyle="none",
+                    marker=markers[e["buffer_format"]],
+                    markersize=6.5,
+                    color=STRATEGY_COLORS.get(e["strategy"], PALETTE["purple"]),
+                    markeredgecolor="black",
+                    markeredgewidth=1.1 if on else 0.0,
+                    zorder=3,
+                )
             best: dict[float, float] = {}  # the staircase: the front's lowest error at each byte count
             for e in entries:
                 if e["on_front"]:
                     best[e["bytes"]] = min(e["error"], best.get(e["bytes"], math.inf))
             xs, ys = sorted(best), [best[b] for b in sorted(best)]
             if xs:  # the staircase: the best error up to each byte count (flat beyond the last point)
-                ax.step([*xs, ticks[-1] * 1.25], [*ys, ys[-1]], where="post", color="black", linewidth=1.0,
-                        alpha=0.6, zorder=2)  # fmt: skip
+                ax.step(
+                    [*xs, ticks[-1] * 1.25],
+                    [*ys, ys[-1]],
+                    where="post",
+                    color="black",
+                    linewidth=1.0,
+                    alpha=0.6,
+                    zorder=2,
+                )
             for f, ls in _FLOOR_STYLES.items():
                 fl = [e["input_floor"] for e in entries if e["buffer_format"] == f]
                 if fl:
@@ -408,26 +510,53 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
             if j == 0:
                 ax.set_ylabel("relative L2 error vs fp64 large batch")
 
-    colour = [Line2D([], [], linestyle="none", marker="o", markersize=7, color=STRATEGY_COLORS.get(s, PALETTE["purple"]),
-                     label=s) for s in strategies]  # fmt: skip
-    colour += [Line2D([], [], color="black", alpha=0.6, label="Pareto front"),
-               Line2D([], [], linestyle="none", marker="o", markersize=7, color="white", markeredgecolor="black",
-                      markeredgewidth=1.1, label="on the front")]  # fmt: skip
+    colour = [
+        Line2D(
+            [], [], linestyle="none", marker="o", markersize=7, color=STRATEGY_COLORS.get(s, PALETTE["purple"]), label=s
+        )
+        for s in strategies
+    ]
+    colour += [
+        Line2D([], [], color="black", alpha=0.6, label="Pareto front"),
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="o",
+            markersize=7,
+            color="white",
+            markeredgecolor="black",
+            markeredgewidth=1.1,
+            label="on the front",
+        ),
+    ]
     shape = [Line2D([], [], linestyle="none", marker=markers[f], markersize=7, color="grey", label=f) for f in formats]
-    shape += [Line2D([], [], color="grey", linestyle=ls, label=f"{f} input floor") for f, ls in _FLOOR_STYLES.items()
-              if f in formats]  # fmt: skip
+    shape += [
+        Line2D([], [], color="grey", linestyle=ls, label=f"{f} input floor")
+        for f, ls in _FLOOR_STYLES.items()
+        if f in formats
+    ]
     lax = fig.add_subplot(grid[-1, ncols - free :] if free else grid[:, -1])
     lax.axis("off")
     kw = {"fontsize": 8, "title_fontsize": 8, "frameon": False, "alignment": "left"}
     lax.add_artist(lax.legend(handles=colour, loc="upper left", title="colour: strategy", **kw))
-    lax.legend(handles=shape, loc="upper left", bbox_to_anchor=(0.5, 1.0) if free else (0.0, 0.68),
-               title="marker: buffer format", **kw)  # fmt: skip
+    lax.legend(
+        handles=shape,
+        loc="upper left",
+        bbox_to_anchor=(0.5, 1.0) if free else (0.0, 0.68),
+        title="marker: buffer format",
+        **kw,
+    )
     compute = rows[0]["compute_format"]
-    note = (f"- input floor: each {compute} micro-gradient rounded to\n  the format, then summed exactly (no strategy\n"
-            "  in that format beats it)\n- pairwise keeps floor(log2(N+1)) partial sums:\n  its bytes grow with N\n"
-            "- front: errors within 5% count as ties\n- naive / stochastic markers dodged left / right\n"
-            "  of their byte count; trial means")  # fmt: skip
+    note = (
+        f"- input floor: each {compute} micro-gradient rounded to\n  the format, then summed exactly (no strategy\n"
+        "  in that format beats it)\n- pairwise keeps floor(log2(N+1)) partial sums:\n  its bytes grow with N\n"
+        "- front: errors within 5% count as ties\n- naive / stochastic markers dodged left / right\n"
+        "  of their byte count; trial means"
+    )
     lax.text(0.02, 0.0, note, transform=lax.transAxes, fontsize=7, va="bottom", linespacing=1.35)
-    fig.suptitle(f"Which buffer buys the most accuracy per byte? Accumulated gradient (micro-gradients in {compute}, "
-                 "post scaling) vs the fp64 large-batch gradient")  # fmt: skip
+    fig.suptitle(
+        f"Which buffer buys the most accuracy per byte? Accumulated gradient (micro-gradients in {compute}, "
+        "post scaling) vs the fp64 large-batch gradient"
+    )
     return [save_figure(fig, fig_dir, "memory_pareto")]

@@ -27,9 +27,23 @@ from precision_lab.results import read_csv
 from precision_lab.sweep import TrialData, fixed_effective, fixed_micro, power_grid, run_tasks, stable_seed
 
 NAME = "model-gradients"
-COLUMNS = ("experiment", "workload", "regime", "compute_format", "buffer_format", "strategy", "scaling",
-           "loss_scale", "n_accum", "micro_batch", "effective_batch", "trial", "seed", *metrics.METRIC_NAMES,
-           "quantisation_floor")  # fmt: skip
+COLUMNS = (
+    "experiment",
+    "workload",
+    "regime",
+    "compute_format",
+    "buffer_format",
+    "strategy",
+    "scaling",
+    "loss_scale",
+    "n_accum",
+    "micro_batch",
+    "effective_batch",
+    "trial",
+    "seed",
+    *metrics.METRIC_NAMES,
+    "quantisation_floor",
+)
 
 
 @dataclass(frozen=True)
@@ -68,22 +82,44 @@ class Config:
         """
         if len(self.effective_batch) != len(self.workloads):
             raise ValueError(f"effective_batch {self.effective_batch} needs one entry per workload {self.workloads}")
-        tasks = [{"workload": w, "compute_format": c, "regime": "fixed_effective", "n_accum": n, "trial": t}
-                 for w, e in zip(self.workloads, self.effective_batch, strict=True)
-                 for c in self.compute_formats for n in power_grid(e, divides=e) for t in range(self.trials)]  # fmt: skip
+        tasks = [
+            {"workload": w, "compute_format": c, "regime": "fixed_effective", "n_accum": n, "trial": t}
+            for w, e in zip(self.workloads, self.effective_batch, strict=True)
+            for c in self.compute_formats
+            for n in power_grid(e, divides=e)
+            for t in range(self.trials)
+        ]
         if self.fixed_micro_batch is not None:
             b = self.fixed_micro_batch
             if isinstance(b, bool) or not isinstance(b, int) or b < 1 or any(e % b for e in self.effective_batch):
-                raise ValueError(f"fixed_micro_batch {b!r} must be an integer >= 1 that divides every effective batch "
-                                 f"{self.effective_batch}")  # fmt: skip
-            tasks += [{"workload": w, "compute_format": c, "regime": "fixed_micro", "n_accum": e // self.fixed_micro_batch,
-                       "trial": t} for w, e in zip(self.workloads, self.effective_batch, strict=True)
-                      for c in self.compute_formats for t in range(self.trials)]  # fmt: skip
+                raise ValueError(
+                    f"fixed_micro_batch {b!r} must be an integer >= 1 that divides every effective batch "
+                    f"{self.effective_batch}"
+                )
+            tasks += [
+                {
+                    "workload": w,
+                    "compute_format": c,
+                    "regime": "fixed_micro",
+                    "n_accum": e // self.fixed_micro_batch,
+                    "trial": t,
+                }
+                for w, e in zip(self.workloads, self.effective_batch, strict=True)
+                for c in self.compute_formats
+                for t in range(self.trials)
+            ]
         return tasks
 
 
-def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu",
-        shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
+def run(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> Path | None:
     """Run (or resume) the sweep; returns ``results.csv`` once the whole grid is done."""
     trials = TrialData.for_config(config, seed=seed, device=device)
     batch = trials.effective_batch
@@ -97,20 +133,60 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
         for scaling in config.scalings:
             sr_seed = stable_seed(seed, w, compute, n, trial, scaling, regime)  # the buffers' stochastic rounding
             if regime == "fixed_effective":
-                measured = fixed_effective(trials.engine(w, compute), x, y, ref, n, config.buffers(), scaling=scaling,
-                                           seed=sr_seed, loss_scale=s)  # fmt: skip
+                measured = fixed_effective(
+                    trials.engine(w, compute),
+                    x,
+                    y,
+                    ref,
+                    n,
+                    config.buffers(),
+                    scaling=scaling,
+                    seed=sr_seed,
+                    loss_scale=s,
+                )
             else:  # growing N at micro-batch B over the same samples; the truth at N: the first N*B of them
-                measured = fixed_micro(trials.engine(w, compute), x, y, config.fixed_micro_batch, power_grid(n),
-                                       config.buffers(), scaling=scaling, seed=sr_seed, loss_scale=s)  # fmt: skip
+                measured = fixed_micro(
+                    trials.engine(w, compute),
+                    x,
+                    y,
+                    config.fixed_micro_batch,
+                    power_grid(n),
+                    config.buffers(),
+                    scaling=scaling,
+                    seed=sr_seed,
+                    loss_scale=s,
+                )
             for r in measured:
                 b = batch[w] // r["n_accum"] if regime == "fixed_effective" else config.fixed_micro_batch
-                rows.append({"experiment": NAME, "workload": w, "regime": regime, "compute_format": compute,
-                             "scaling": scaling, "loss_scale": s, "micro_batch": b, "effective_batch": b * r["n_accum"],
-                             "trial": trial, "seed": data_seed, **r})  # fmt: skip
+                rows.append(
+                    {
+                        "experiment": NAME,
+                        "workload": w,
+                        "regime": regime,
+                        "compute_format": compute,
+                        "scaling": scaling,
+                        "loss_scale": s,
+                        "micro_batch": b,
+                        "effective_batch": b * r["n_accum"],
+                        "trial": trial,
+                        "seed": data_seed,
+                        **r,
+                    }
+                )
         return rows
 
-    return run_tasks(NAME, out_dir, config.tasks(), work, columns=COLUMNS, config=dataclasses.asdict(config),
-                     seed=seed, device=device, shard=shard, progress=progress)  # fmt: skip
+    return run_tasks(
+        NAME,
+        out_dir,
+        config.tasks(),
+        work,
+        columns=COLUMNS,
+        config=dataclasses.asdict(config),
+        seed=seed,
+        device=device,
+        shard=shard,
+        progress=progress,
+    )
 
 
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
@@ -131,27 +207,42 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     order = {f: i for i, f in enumerate(("fp32", "bf16", "fp16", "fp64"))}
     buffers = sorted({(r["buffer_format"], r["strategy"]) for r in rows}, key=lambda b: (order.get(b[0], 9), b[1]))
     bias_formats = [f for f in ("bf16", "fp16") if any(b[0] == f for b in buffers)]
-    fig, axes = plt.subplots(1 + len(bias_formats), len(panels), figsize=(3.9 * len(panels), 3.3 * (1 + len(bias_formats))),
-                             squeeze=False, sharex="col")  # fmt: skip
+    fig, axes = plt.subplots(
+        1 + len(bias_formats),
+        len(panels),
+        figsize=(3.9 * len(panels), 3.3 * (1 + len(bias_formats))),
+        squeeze=False,
+        sharex="col",
+    )
     for j, (w, c) in enumerate(panels):
         mine = [r for r in rows if (r["workload"], r["compute_format"]) == (w, c)]
         for fmt in sorted({r["buffer_format"] for r in mine} - {"fp64"}, key=order.__getitem__):
-            floor = trial_means([r for r in mine if r["buffer_format"] == fmt and r["strategy"] == "naive"],
-                                "n_accum", "quantisation_floor")  # fmt: skip
-            axes[0, j].loglog(*zip(*floor, strict=True), color="0.6", linewidth=2.5, alpha=0.5,
-                              linestyle=FORMAT_STYLES[fmt], label=f"{fmt} floor: fp64 truth rounded once")  # fmt: skip
+            floor = trial_means(
+                [r for r in mine if r["buffer_format"] == fmt and r["strategy"] == "naive"],
+                "n_accum",
+                "quantisation_floor",
+            )
+            axes[0, j].loglog(
+                *zip(*floor, strict=True),
+                color="0.6",
+                linewidth=2.5,
+                alpha=0.5,
+                linestyle=FORMAT_STYLES[fmt],
+                label=f"{fmt} floor: fp64 truth rounded once",
+            )
         for fmt, strategy in buffers:
             sel = [r for r in mine if (r["buffer_format"], r["strategy"]) == (fmt, strategy)]
-            kw = {**buffer_style(fmt, strategy), "label": f"{fmt} {strategy}" if strategy != "exact" else
-                  "exact sum (input quantisation alone)"}  # fmt: skip
+            kw = {
+                **buffer_style(fmt, strategy),
+                "label": f"{fmt} {strategy}" if strategy != "exact" else "exact sum (input quantisation alone)",
+            }
             axes[0, j].plot(*zip(*trial_means(sel, "n_accum", "rel_l2_error"), strict=True), **kw)
             for i, bfmt in enumerate(bias_formats, start=1):
                 if fmt not in (bfmt, "fp64"):
                     continue
                 ns, mean, lo, hi = map(np.array, zip(*trial_intervals(sel, "n_accum", "projection_bias"), strict=True))
                 x = ns * 2.0 ** (0.06 * (STRATEGIES.index(strategy) - 2))  # side by side: no bar hides another
-                axes[i, j].errorbar(x, mean, yerr=[mean - lo, hi - mean], capsize=2, elinewidth=0.8, marker=".",
-                                    **kw)  # fmt: skip
+                axes[i, j].errorbar(x, mean, yerr=[mean - lo, hi - mean], capsize=2, elinewidth=0.8, marker=".", **kw)
         e = int(mine[0]["effective_batch"])
         axes[0, j].set_title(f"{w}, micro-gradients in {c}\n(effective batch E = {e})", fontsize=9)
         axes[0, j].set_yscale("log")
@@ -166,6 +257,7 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
         axes[i, 0].set_ylabel("projection bias <acc - ref, ref>/|ref|^2\n(symlog; bars: 95% CI over trials)")
     handles, labels = axes[0, -1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)  # outside: hides no data
-    fig.suptitle("Accumulated gradient vs the fp64 large-batch gradient: buffer format x strategy "
-                 "(post scaling, mean of trials)")  # fmt: skip
+    fig.suptitle(
+        "Accumulated gradient vs the fp64 large-batch gradient: buffer format x strategy (post scaling, mean of trials)"
+    )
     return [save_figure(fig, fig_dir, NAME)]

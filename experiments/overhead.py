@@ -99,11 +99,34 @@ from precision_lab.workloads import MODEL_WORKLOADS, ModelWorkload, make_workloa
 
 NAME = "overhead"
 SERIAL = True  # `reproduce --jobs K` runs it alone: its wall times must not compete with other processes
-TIMING_COLUMNS = ("time_median_s", "time_min_s", "time_q1_s", "time_q3_s", "time_iqr_s", "time_ratio",
-                  "time_vs_pytorch")  # fmt: skip
-COLUMNS = ("experiment", "workload", "mode", "buffer_format", "strategy", "device", "threads", "n_accum",
-           "micro_batch", "effective_batch", "seed", "repeats", *TIMING_COLUMNS, "peak_bytes", "tensor_peak_bytes",
-           "static_bytes", "peak_ratio")  # fmt: skip
+TIMING_COLUMNS = (
+    "time_median_s",
+    "time_min_s",
+    "time_q1_s",
+    "time_q3_s",
+    "time_iqr_s",
+    "time_ratio",
+    "time_vs_pytorch",
+)
+COLUMNS = (
+    "experiment",
+    "workload",
+    "mode",
+    "buffer_format",
+    "strategy",
+    "device",
+    "threads",
+    "n_accum",
+    "micro_batch",
+    "effective_batch",
+    "seed",
+    "repeats",
+    *TIMING_COLUMNS,
+    "peak_bytes",
+    "tensor_peak_bytes",
+    "static_bytes",
+    "peak_ratio",
+)
 
 # (mode, buffer format, strategy): None = plain autograd accumulation into fp32 p.grad, which gives
 # the same bits as an fp32 naive buffer (precision_lab.training) -- the two differ only in cost.
@@ -152,8 +175,10 @@ class Config:
     def tasks(self) -> list[dict[str, Any]]:
         """One task per workload: its modes and N are timed side by side in one process."""
         if not (len(self.workloads) == len(self.effective_batch) == len(self.n_max)):
-            raise ValueError(f"effective_batch {self.effective_batch} and n_max {self.n_max} need one entry per "
-                             f"workload {self.workloads}")  # fmt: skip
+            raise ValueError(
+                f"effective_batch {self.effective_batch} and n_max {self.n_max} need one entry per "
+                f"workload {self.workloads}"
+            )
         for w in self.workloads:
             if w not in MODEL_WORKLOADS:
                 raise ValueError(f"unknown workload {w!r}; known: {', '.join(map(repr, MODEL_WORKLOADS))}")
@@ -164,10 +189,12 @@ class Config:
                 raise ValueError(f"n_max {n!r} must be a power of two that divides the effective batch {e}")
         bad = [m for m in self.modes if m not in _MODE]
         if bad or "pytorch" not in self.modes or len(set(self.modes)) != len(self.modes):
-            raise ValueError(f"modes must include 'pytorch' (the baseline) and come once each from {list(_MODE)}; "
-                             f"got {self.modes!r}")  # fmt: skip
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):  # fmt: skip
+            raise ValueError(
+                f"modes must include 'pytorch' (the baseline) and come once each from {list(_MODE)}; got {self.modes!r}"
+            )
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
             raise ValueError(f"threads {self.threads!r} must be an integer >= 1 or None")
         for name, low in (("warmup", 0), ("repeats", 1), ("rounds", 1)):
             v = getattr(self, name)
@@ -287,20 +314,21 @@ class _Run:
     device: torch.device
 
     @classmethod
-    def build(cls, wl: ModelWorkload, mode: str, device: torch.device, *, lr: float, seed: int,
-              count_lost: bool) -> _Run:  # fmt: skip
+    def build(
+        cls, wl: ModelWorkload, mode: str, device: torch.device, *, lr: float, seed: int, count_lost: bool
+    ) -> _Run:
         _, fmt, strategy = _MODE[mode]
         model = _copy_model(wl.model, device)
         acc = None
         if strategy is not None:
             gen = torch.Generator(device=device).manual_seed(seed) if strategy == "stochastic" else None
-            acc = GradientAccumulator(model.parameters(), strategy=strategy, fmt=fmt, generator=gen,
-                                      count_lost=count_lost)  # fmt: skip
+            acc = GradientAccumulator(
+                model.parameters(), strategy=strategy, fmt=fmt, generator=gen, count_lost=count_lost
+            )
         return cls(model, wl.loss_fn, torch.optim.Adam(model.parameters(), lr=lr), acc, device)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
-        train_step(self.model, self.loss_fn, self.optimizer, x, y, n, accumulator=self.accumulator,
-                   device=self.device)  # fmt: skip
+        train_step(self.model, self.loss_fn, self.optimizer, x, y, n, accumulator=self.accumulator, device=self.device)
 
     def close(self) -> None:
         if self.accumulator is not None:
@@ -317,9 +345,17 @@ def _native_kernels(on: bool) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext() if on else _native.disabled()
 
 
-def train_step(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, n: int, *,
-               accumulator: GradientAccumulator | None = None, device: str | torch.device = "cpu") -> None:  # fmt: skip
+def train_step(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n: int,
+    *,
+    accumulator: GradientAccumulator | None = None,
+    device: str | torch.device = "cpu",
+) -> None:
     """One optimizer step on the batch ``(x, y)`` of E samples split into ``n`` micro-batches of E/n."""
     b = x.shape[0] // n
     optimizer.zero_grad(set_to_none=True)
@@ -345,9 +381,18 @@ def _timed_step(run: _Run, x: torch.Tensor, y: torch.Tensor, n: int) -> float:
     return time.perf_counter() - start
 
 
-def measure_memory(wl: ModelWorkload, mode: str, x: torch.Tensor, y: torch.Tensor, n: int, *,
-                   device: str | torch.device = "cpu", lr: float = 1e-3, seed: int = 0,
-                   count_lost: bool = False) -> dict[str, int]:  # fmt: skip
+def measure_memory(
+    wl: ModelWorkload,
+    mode: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n: int,
+    *,
+    device: str | torch.device = "cpu",
+    lr: float = 1e-3,
+    seed: int = 0,
+    count_lost: bool = False,
+) -> dict[str, int]:
     """Peak memory of one step at ``n`` with a fresh run of ``mode`` (see the module docstring).
 
     Returns ``peak_bytes``, ``tensor_peak_bytes`` and ``static_bytes``.
@@ -389,8 +434,15 @@ def _quartiles(times: list[float]) -> tuple[float, float, float]:
 # --------------------------------------------------------------------------------------------------
 # the experiment
 # --------------------------------------------------------------------------------------------------
-def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu",
-        shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
+def run(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> Path | None:
     """Time and measure every (workload, mode, N); returns ``results.csv`` once every workload is done."""
     tasks = config.tasks()
     try:
@@ -413,8 +465,10 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
         wl = make_workload(w, seed=seed, size=config.size, warmup_steps=0)
         data_seed = stable_seed(seed, w, "data")
         x, y = wl.sample(e, torch.Generator().manual_seed(data_seed))  # the host batch, the same for every step
-        runs = {m: _Run.build(wl, m, dev, lr=config.lr, seed=stable_seed(seed, w, m), count_lost=config.count_lost)
-                for m in config.modes}  # fmt: skip
+        runs = {
+            m: _Run.build(wl, m, dev, lr=config.lr, seed=stable_seed(seed, w, m), count_lost=config.count_lost)
+            for m in config.modes
+        }
         times: dict[tuple[str, int], list[float]] = {(m, n): [] for m in config.modes for n in grid}
         for _ in range(config.rounds):
             for m in config.modes:
@@ -426,9 +480,13 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
             r.close()
         del runs
         gc.collect()
-        memory = {(m, n): measure_memory(wl, m, x, y, n, device=dev, lr=config.lr, seed=stable_seed(seed, w, m),
-                                         count_lost=config.count_lost)
-                  for m in config.modes for n in grid}  # fmt: skip
+        memory = {
+            (m, n): measure_memory(
+                wl, m, x, y, n, device=dev, lr=config.lr, seed=stable_seed(seed, w, m), count_lost=config.count_lost
+            )
+            for m in config.modes
+            for n in grid
+        }
         median = {k: statistics.median(v) for k, v in times.items()}
         rows = []
         for m in config.modes:
@@ -436,18 +494,45 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
             for n in grid:
                 q1, _, q3 = _quartiles(times[m, n])
                 mem = memory[m, n]
-                rows.append({"experiment": NAME, "workload": w, "mode": m, "buffer_format": fmt or "fp32",
-                             "strategy": strategy or "naive", "device": str(dev), "threads": torch.get_num_threads(),
-                             "n_accum": n, "micro_batch": e // n, "effective_batch": e, "seed": data_seed,
-                             "repeats": len(times[m, n]), "time_median_s": median[m, n],
-                             "time_min_s": min(times[m, n]), "time_q1_s": q1, "time_q3_s": q3,
-                             "time_iqr_s": q3 - q1, "time_ratio": median[m, n] / median[m, 1],
-                             "time_vs_pytorch": median[m, n] / median["pytorch", n], **mem,
-                             "peak_ratio": mem["peak_bytes"] / memory[m, 1]["peak_bytes"]})  # fmt: skip
+                rows.append(
+                    {
+                        "experiment": NAME,
+                        "workload": w,
+                        "mode": m,
+                        "buffer_format": fmt or "fp32",
+                        "strategy": strategy or "naive",
+                        "device": str(dev),
+                        "threads": torch.get_num_threads(),
+                        "n_accum": n,
+                        "micro_batch": e // n,
+                        "effective_batch": e,
+                        "seed": data_seed,
+                        "repeats": len(times[m, n]),
+                        "time_median_s": median[m, n],
+                        "time_min_s": min(times[m, n]),
+                        "time_q1_s": q1,
+                        "time_q3_s": q3,
+                        "time_iqr_s": q3 - q1,
+                        "time_ratio": median[m, n] / median[m, 1],
+                        "time_vs_pytorch": median[m, n] / median["pytorch", n],
+                        **mem,
+                        "peak_ratio": mem["peak_bytes"] / memory[m, 1]["peak_bytes"],
+                    }
+                )
         return rows
 
-    return run_tasks(NAME, out_dir, tasks, work, columns=COLUMNS, config=dataclasses.asdict(config), seed=seed,
-                     device=device, shard=shard, progress=progress)  # fmt: skip
+    return run_tasks(
+        NAME,
+        out_dir,
+        tasks,
+        work,
+        columns=COLUMNS,
+        config=dataclasses.asdict(config),
+        seed=seed,
+        device=device,
+        shard=shard,
+        progress=progress,
+    )
 
 
 def _mode_style(mode: str) -> dict[str, Any]:
@@ -495,11 +580,13 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
         axes[0, j].axhline(1.0, color="0.5", linewidth=0.8)
         axes[2, j].axhline(1.0, color="0.5", linewidth=0.8)
         t_ms = 1e3 * float(base["time_median_s"])
-        axes[0, j].set_title(f"{w}: time per step of E = {e} samples vs N = 1\n(PyTorch at N = 1: {t_ms:.3g} ms)",
-                             fontsize=10)  # fmt: skip
+        axes[0, j].set_title(
+            f"{w}: time per step of E = {e} samples vs N = 1\n(PyTorch at N = 1: {t_ms:.3g} ms)", fontsize=10
+        )
         axes[0, j].set_ylabel("median time(N) / median time(N = 1)")
-        axes[1, j].set_title(f"{w}: peak memory of one step\n(PyTorch at N = 1: "
-                             f"{float(base['peak_bytes']) / _MIB:.3g} MiB)", fontsize=10)  # fmt: skip
+        axes[1, j].set_title(
+            f"{w}: peak memory of one step\n(PyTorch at N = 1: {float(base['peak_bytes']) / _MIB:.3g} MiB)", fontsize=10
+        )
         axes[1, j].set_ylabel("peak memory (MiB)")
         axes[2, j].set_title(f"{w}: cost of the buffer over PyTorch at the same N", fontsize=10)
         axes[2, j].set_ylabel("median time / PyTorch's median time")
@@ -514,13 +601,20 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
             axes[i, j].yaxis.set_major_formatter(plain)
             axes[i, j].yaxis.set_minor_formatter(NullFormatter())
     handles = [Line2D([], [], **{**_mode_style(m), "markersize": 4}, label=_label(m)) for m in modes]
-    handles += [Line2D([], [], color=PALETTE["purple"], linestyle="--", label="+17% time (the quoted overhead, C8)"),
-                Line2D([], [], color="0.3", linestyle=":", label="memory held between steps (mode's colour; equal ones overlap)")]  # fmt: skip
+    handles += [
+        Line2D([], [], color=PALETTE["purple"], linestyle="--", label="+17% time (the quoted overhead, C8)"),
+        Line2D(
+            [], [], color="0.3", linestyle=":", label="memory held between steps (mode's colour; equal ones overlap)"
+        ),
+    ]
     legend = fig.add_subplot(grid[3, :])  # a row of its own: the legend covers no data
     legend.axis("off")
     legend.legend(handles=handles, loc="center", ncol=3, fontsize=8, frameon=False)
     device, threads = rows[0]["device"], rows[0]["threads"]
-    fig.suptitle(f"Gradient accumulation at a fixed effective batch: wall time and peak memory vs N\n"
-                 f"({device}, {threads} thread{'s' if threads != '1' else ''}; median and quartiles of "
-                 f"{rows[0]['repeats']} timed steps)", fontsize=11)  # fmt: skip
+    fig.suptitle(
+        f"Gradient accumulation at a fixed effective batch: wall time and peak memory vs N\n"
+        f"({device}, {threads} thread{'s' if threads != '1' else ''}; median and quartiles of "
+        f"{rows[0]['repeats']} timed steps)",
+        fontsize=11,
+    )
     return [save_figure(fig, fig_dir, NAME)]

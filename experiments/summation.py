@@ -100,10 +100,29 @@ STREAMS: dict[str, tuple[str, dict[str, float]]] = {
     "student_t": ("student_t", {"mean": 0.05, "spread": 1.0, "df": 3.0}),
     "sparse": ("sparse", {"mean": 0.05, "spread": 1.0, "density": 0.1}),
 }
-BOUND_COLUMNS = ("sum_condition", "lam", "bound_worst_case", "bound_probabilistic", "bound_probabilistic_confidence",
-                 "bound_strategy", "bound_strategy_confidence")  # fmt: skip
-COLUMNS = ("experiment", "stream", "buffer_format", "strategy", "n_accum", "elements", "trial", "seed",
-           *metrics.METRIC_NAMES, "nonfinite_inputs", "predicted_stall", *BOUND_COLUMNS)  # fmt: skip
+BOUND_COLUMNS = (
+    "sum_condition",
+    "lam",
+    "bound_worst_case",
+    "bound_probabilistic",
+    "bound_probabilistic_confidence",
+    "bound_strategy",
+    "bound_strategy_confidence",
+)
+COLUMNS = (
+    "experiment",
+    "stream",
+    "buffer_format",
+    "strategy",
+    "n_accum",
+    "elements",
+    "trial",
+    "seed",
+    *metrics.METRIC_NAMES,
+    "nonfinite_inputs",
+    "predicted_stall",
+    *BOUND_COLUMNS,
+)
 
 
 @dataclass(frozen=True)
@@ -213,19 +232,26 @@ def coefficients(strategy: str, n: int, u: float, lam: float) -> dict[str, tuple
         "naive": (worst, 1.0, 1.0),
         "kahan": (theory.kahan_sum_bound(n, u, 1.0), 1.0, 2.0),
         "pairwise": (theory.pairwise_sum_bound(n, u, 1.0), 1.0, 1.0),
-        "stochastic": (theory.stochastic_rounding_sum_bound(n, u, 1.0, lam),
-                       theory.stochastic_rounding_bound_probability(n, u, lam), 1.0),
-    }[strategy]  # fmt: skip
+        "stochastic": (
+            theory.stochastic_rounding_sum_bound(n, u, 1.0, lam),
+            theory.stochastic_rounding_bound_probability(n, u, lam),
+            1.0,
+        ),
+    }[strategy]
     return {
         "worst_case": (worst, 1.0, 1.0),
-        "probabilistic": (theory.probabilistic_sum_bound(n, u, 1.0, lam),
-                          theory.probabilistic_bound_probability(n, u, lam), 1.0),
+        "probabilistic": (
+            theory.probabilistic_sum_bound(n, u, 1.0, lam),
+            theory.probabilistic_bound_probability(n, u, lam),
+            1.0,
+        ),
         "strategy": own,
-    }  # fmt: skip
+    }
 
 
-def relative_bound(c: float, headroom: float, fmt: Format, norm_abs: float, norm_sum: float, max_abs: float,
-                   bad_inputs: int) -> float:  # fmt: skip
+def relative_bound(
+    c: float, headroom: float, fmt: Format, norm_abs: float, norm_sum: float, max_abs: float, bad_inputs: int
+) -> float:
     """``c * ||A|| / ||S||``, or inf where the bound is void (module docstring)."""
     if bad_inputs or not math.isfinite(c) or (1.0 + c) * max_abs * headroom > fmt.max:
         return math.inf
@@ -247,8 +273,9 @@ def _unchanged(now: torch.Tensor, before: torch.Tensor, live: torch.Tensor) -> t
     return (now == before) & live & torch.isfinite(before)
 
 
-def measure_task(config: Config, fmt_name: str, trial: int, seed: int, device: str = "cpu",
-                 chunks: list[torch.Tensor] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def measure_task(
+    config: Config, fmt_name: str, trial: int, seed: int, device: str = "cpu", chunks: list[torch.Tensor] | None = None
+) -> list[dict[str, Any]]:
     """Sum every stream of one (format, trial) in every strategy; one row per (stream, strategy, N).
 
     ``chunks`` are the trial's draws (:func:`draw`, computed here if None); they do not depend on
@@ -261,9 +288,18 @@ def measure_task(config: Config, fmt_name: str, trial: int, seed: int, device: s
     seeds = {s: data_seed(seed, s, trial) for s in streams}
     chunks = draw(config, seed, trial) if chunks is None else chunks
     # One wide buffer per strategy over all streams (count_lost=False: counted per stream below) ...
-    wide = {s: Accumulator(s, fmt, (width,), device=device, count_lost=False,
-                           generator=torch.Generator(device=device).manual_seed(stable_seed(seed, NAME, fmt.name, s, trial)))
-            for s in config.strategies if s != "pairwise"}  # fmt: skip
+    wide = {
+        s: Accumulator(
+            s,
+            fmt,
+            (width,),
+            device=device,
+            count_lost=False,
+            generator=torch.Generator(device=device).manual_seed(stable_seed(seed, NAME, fmt.name, s, trial)),
+        )
+        for s in config.strategies
+        if s != "pairwise"
+    }
     # ... except pairwise, whose lost updates (absorption inside the cascade) only the buffer counts.
     pair = (
         [Accumulator("pairwise", fmt, (m,), device=device) for _ in streams] if "pairwise" in config.strategies else []
@@ -308,9 +344,18 @@ def measure_task(config: Config, fmt_name: str, trial: int, seed: int, device: s
     return rows
 
 
-def _measure(config: Config, fmt: Format, trial: int, seeds: dict[str, int], n: int, both: torch.Tensor,
-             wide: dict[str, Accumulator], pair: list[Accumulator], lost: dict[str, torch.Tensor],
-             bad_inputs: torch.Tensor) -> list[dict[str, Any]]:  # fmt: skip
+def _measure(
+    config: Config,
+    fmt: Format,
+    trial: int,
+    seeds: dict[str, int],
+    n: int,
+    both: torch.Tensor,
+    wide: dict[str, Accumulator],
+    pair: list[Accumulator],
+    lost: dict[str, torch.Tensor],
+    bad_inputs: torch.Tensor,
+) -> list[dict[str, Any]]:
     """The rows of every (stream, strategy) at accumulation count ``n``."""
     m, width = config.elements, len(config.streams) * config.elements
     ref_all, abs_all = both[:width], both[width:]
@@ -331,10 +376,21 @@ def _measure(config: Config, fmt: Format, trial: int, seeds: dict[str, int], n: 
                 value, lost_here = acc.value(), acc.lost_updates
             else:
                 value, lost_here = values[strategy][block], int(lost[strategy][b])
-            row = {"experiment": NAME, "stream": stream, "buffer_format": fmt.name, "strategy": strategy, "n_accum": n,
-                   "elements": m, "trial": trial, "seed": seeds[stream], "nonfinite_inputs": bad,
-                   "predicted_stall": stall, "sum_condition": kappa, "lam": config.lam,
-                   **metrics.compare(value, ref, fmt, lost_updates=lost_here, element_adds=n * m)}  # fmt: skip
+            row = {
+                "experiment": NAME,
+                "stream": stream,
+                "buffer_format": fmt.name,
+                "strategy": strategy,
+                "n_accum": n,
+                "elements": m,
+                "trial": trial,
+                "seed": seeds[stream],
+                "nonfinite_inputs": bad,
+                "predicted_stall": stall,
+                "sum_condition": kappa,
+                "lam": config.lam,
+                **metrics.compare(value, ref, fmt, lost_updates=lost_here, element_adds=n * m),
+            }
             for name, (c, q, headroom) in coeffs[strategy].items():
                 row[f"bound_{name}"] = relative_bound(c, headroom, fmt, norm_abs, norm_sum, max_abs, bad)
                 if name != "worst_case":
@@ -343,8 +399,15 @@ def _measure(config: Config, fmt: Format, trial: int, seeds: dict[str, int], n: 
     return rows
 
 
-def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu",
-        shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
+def run(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> Path | None:
     """Run (or resume) the sweep; returns ``results.csv`` once the whole grid is done."""
 
     @functools.lru_cache(maxsize=1)  # one trial's draws (n_max x streams x elements fp64) at a time
@@ -354,8 +417,18 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
     def work(task: dict[str, Any]) -> list[dict[str, Any]]:
         return measure_task(config, task["buffer_format"], task["trial"], seed, device, draws(task["trial"]))
 
-    return run_tasks(NAME, out_dir, config.tasks(), work, columns=COLUMNS, config=dataclasses.asdict(config),
-                     seed=seed, device=device, shard=shard, progress=progress)  # fmt: skip
+    return run_tasks(
+        NAME,
+        out_dir,
+        config.tasks(),
+        work,
+        columns=COLUMNS,
+        config=dataclasses.asdict(config),
+        seed=seed,
+        device=device,
+        shard=shard,
+        progress=progress,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,8 +464,9 @@ def _floor(values: list[float]) -> float:
     return 10.0 ** (math.floor(math.log10(min(positive))) - 1) if positive else 1e-12
 
 
-def _error_curve(ax: Any, ns: list[int], errs: list[float], floor: float, style: dict[str, Any],
-                 slot: tuple[int, int]) -> None:  # fmt: skip
+def _error_curve(
+    ax: Any, ns: list[int], errs: list[float], floor: float, style: dict[str, Any], slot: tuple[int, int]
+) -> None:
     """Log-log error curve: 0 drawn at ``floor``; non-finite (overflowed) points as x in the band above 10.
 
     ``slot = (k, of)``: the curve is the k-th of ``of`` in its panel; their x marks are stacked in the
@@ -410,8 +484,11 @@ def _bound_curve(ax: Any, rows: list[dict[str, str]], label: str, size: float = 
     """One bound of BOUND_LINES (trial mean), where it is finite and positive (void bounds are inf)."""
     strategy, column, grey, marker = BOUND_LINES[label]
     # relative bounds above 10 say nothing; void ones are inf, and 0 (N = 1) is not drawn
-    pts = [(n, b) for n, b in zip(*_series([r for r in rows if r["strategy"] == strategy], column), strict=True)
-           if 0 < b <= 10.0]  # fmt: skip
+    pts = [
+        (n, b)
+        for n, b in zip(*_series([r for r in rows if r["strategy"] == strategy], column), strict=True)
+        if 0 < b <= 10.0
+    ]
     if pts:
         ax.loglog(*zip(*pts, strict=True), color=grey, marker=marker, markersize=size, linewidth=0.7, label=label)
 
@@ -450,8 +527,13 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     paths = []
 
     # --- figure 1: bf16 and fp16, every bound of bf16, lost updates ----------------------------------------------
-    fig, axes = plt.subplots(2, len(streams) + 1, figsize=(3.6 * len(streams) + 3.4, 7.4), squeeze=False,
-                             gridspec_kw={"width_ratios": [1] * len(streams) + [0.95]})  # fmt: skip
+    fig, axes = plt.subplots(
+        2,
+        len(streams) + 1,
+        figsize=(3.6 * len(streams) + 3.4, 7.4),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1] * len(streams) + [0.95]},
+    )
     for j, stream in enumerate(streams):
         ax_err, ax_lost = axes[0, j], axes[1, j]
         here = _select(rows, stream=stream)
@@ -474,8 +556,15 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
                     ax_lost.axvline(stall, color="#999999", linewidth=0.9, linestyle=style)
                     notes.append(f"{fmt}: N = {stall}")
             if notes:
-                ax_lost.text(0.03, 0.97, "theory's stall (grey lines)\n" + "\n".join(notes), transform=ax_lost.transAxes,
-                             fontsize=7, va="top", color="#444444")  # fmt: skip
+                ax_lost.text(
+                    0.03,
+                    0.97,
+                    "theory's stall (grey lines)\n" + "\n".join(notes),
+                    transform=ax_lost.transAxes,
+                    fontsize=7,
+                    va="top",
+                    color="#444444",
+                )
         ax_err.set_title(f"{stream}\n({_describe(stream)})", fontsize=9)
         ax_err.set_ylim(floor / 2, _TOP)
         ax_lost.set_ylim(-0.03, 1.03)
@@ -486,22 +575,45 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     handles = [Line2D([], [], color=STRATEGY_COLORS[s], linewidth=2, label=s) for s in strategies]
     handles += [Line2D([], [], color="#333333", linestyle=FORMAT_STYLES.get(f, "-"), label=f"{f} buffer") for f in main]
     handles += [Line2D([], [], color="#333333", label="buffer overflowed", **_OVERFLOW_MARK)]
-    bounds = [Line2D([], [], color=g, marker=m, markersize=3, linewidth=0.7, label=lab)
-              for lab, (_, _, g, m) in BOUND_LINES.items()]  # fmt: skip
+    bounds = [
+        Line2D([], [], color=g, marker=m, markersize=3, linewidth=0.7, label=lab)
+        for lab, (_, _, g, m) in BOUND_LINES.items()
+    ]
     for ax in axes[:, -1]:
         ax.axis("off")
-    leg = axes[0, -1].legend(handles=handles, loc="upper left", title="measured: strategy (colour), format (line)",
-                             fontsize=7, title_fontsize=7, frameon=False, alignment="left")  # fmt: skip
+    leg = axes[0, -1].legend(
+        handles=handles,
+        loc="upper left",
+        title="measured: strategy (colour), format (line)",
+        fontsize=7,
+        title_fontsize=7,
+        frameon=False,
+        alignment="left",
+    )
     axes[0, -1].add_artist(leg)
-    axes[0, -1].legend(handles=bounds, loc="lower left", fontsize=7, title_fontsize=7, frameon=False, alignment="left",
-                       title=f"bounds for {bound_fmt} (grey), $\\lambda$ = {lam:g};\n{kappa_note}")  # fmt: skip
-    fig.suptitle(f"Summation error of {' and '.join(main)} buffers vs N for {len(streams)} synthetic gradient streams, "
-                 f"against the theoretical bounds for {bound_fmt}")  # fmt: skip
+    axes[0, -1].legend(
+        handles=bounds,
+        loc="lower left",
+        fontsize=7,
+        title_fontsize=7,
+        frameon=False,
+        alignment="left",
+        title=f"bounds for {bound_fmt} (grey), $\\lambda$ = {lam:g};\n{kappa_note}",
+    )
+    fig.suptitle(
+        f"Summation error of {' and '.join(main)} buffers vs N for {len(streams)} synthetic gradient streams, "
+        f"against the theoretical bounds for {bound_fmt}"
+    )
     paths.append(save_figure(fig, fig_dir, NAME))
 
     # --- figure 2: every format (rows), with its worst-case and probabilistic bounds ------------------------------
-    fig, axes = plt.subplots(len(formats), len(streams), figsize=(3.2 * len(streams) + 2.6, 1.9 * len(formats) + 1.0),
-                             squeeze=False, sharex=True)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(formats),
+        len(streams),
+        figsize=(3.2 * len(streams) + 2.6, 1.9 * len(formats) + 1.0),
+        squeeze=False,
+        sharex=True,
+    )
     two = list(BOUND_LINES)[:2]
     for i, fmt in enumerate(formats):
         for j, stream in enumerate(streams):
@@ -524,9 +636,18 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     handles = [Line2D([], [], color=STRATEGY_COLORS[s], linewidth=2, label=s) for s in strategies]
     handles += [b for b in bounds if b.get_label() in two]
     handles.append(Line2D([], [], color="#333333", label="buffer overflowed", **_OVERFLOW_MARK))
-    axes[0, -1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.04, 1.0), fontsize=7, frameon=False,
-                       title=f"bounds of the row's format,\n$\\lambda$ = {lam:g}", title_fontsize=7, alignment="left")  # fmt: skip
-    fig.suptitle(f"Relative L2 error vs the exact sum of the rounded addends, every buffer format (rows); "
-                 f"0 drawn at {floor:.0e}")  # fmt: skip
+    axes[0, -1].legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.04, 1.0),
+        fontsize=7,
+        frameon=False,
+        title=f"bounds of the row's format,\n$\\lambda$ = {lam:g}",
+        title_fontsize=7,
+        alignment="left",
+    )
+    fig.suptitle(
+        f"Relative L2 error vs the exact sum of the rounded addends, every buffer format (rows); 0 drawn at {floor:.0e}"
+    )
     paths.append(save_figure(fig, fig_dir, f"{NAME}_formats"))
     return paths

@@ -32,9 +32,24 @@ from precision_lab.training import GradientAccumulator
 from precision_lab.workloads import ModelWorkload, make_workload
 
 NAME = "training"
-COLUMNS = ("experiment", "workload", "run", "param_format", "buffer_format", "strategy", "n_accum", "micro_batch",
-           "trial", "seed", "step", "train_loss", "eval_loss", "eval_accuracy", "weight_distance",
-           "lost_update_fraction")  # fmt: skip
+COLUMNS = (
+    "experiment",
+    "workload",
+    "run",
+    "param_format",
+    "buffer_format",
+    "strategy",
+    "n_accum",
+    "micro_batch",
+    "trial",
+    "seed",
+    "step",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "weight_distance",
+    "lost_update_fraction",
+)
 _DTYPE = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 # (run label, parameter format, buffer format, strategy); the first is the reference trajectory.
@@ -67,8 +82,16 @@ class Config:
     @classmethod
     def quick(cls) -> Config:
         """Well under a minute on 2 cores: the MLP only, N up to 64, 20 steps, one trial."""
-        return cls(workloads=("mlp",), micro_batch=(4,), size="quick", n_values=(1, 8, 64), steps=20, eval_every=5,
-                   eval_size=256, trials=1)  # fmt: skip
+        return cls(
+            workloads=("mlp",),
+            micro_batch=(4,),
+            size="quick",
+            n_values=(1, 8, 64),
+            steps=20,
+            eval_every=5,
+            eval_size=256,
+            trials=1,
+        )
 
     def tasks(self) -> list[dict[str, Any]]:
         """One task per (workload, N, trial): every run trains in lockstep on the same batches."""
@@ -78,8 +101,12 @@ class Config:
         bad = [r for r in self.runs if r not in known]
         if bad or "fp64" not in self.runs:
             raise ValueError(f"runs must include 'fp64' (the reference) and come from {known}; got {self.runs!r}")
-        return [{"workload": w, "n_accum": n, "trial": t} for w in self.workloads for n in self.n_values
-                for t in range(self.trials)]  # fmt: skip
+        return [
+            {"workload": w, "n_accum": n, "trial": t}
+            for w in self.workloads
+            for n in self.n_values
+            for t in range(self.trials)
+        ]
 
 
 def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -87,8 +114,15 @@ def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float((pred == targets.reshape(-1)).double().mean())
 
 
-def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu",
-        shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
+def run(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> Path | None:
     """Run (or resume) the training grid; returns ``results.csv`` once it is complete."""
     micro = dict(zip(config.workloads, config.micro_batch, strict=True))
     runs = [r for r in RUNS if r[0] in config.runs]
@@ -115,8 +149,11 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
             models.append(m)
             opts.append(torch.optim.Adam(m.parameters(), lr=config.lr))
             gen = torch.Generator(device=device).manual_seed(stable_seed(seed, w, n, trial, label))
-            accs.append(GradientAccumulator(m.parameters(), strategy=strategy, fmt=bfmt,
-                                            generator=gen if strategy == "stochastic" else None))  # fmt: skip
+            accs.append(
+                GradientAccumulator(
+                    m.parameters(), strategy=strategy, fmt=bfmt, generator=gen if strategy == "stochastic" else None
+                )
+            )
         rows: list[dict[str, Any]] = []
         losses = [0.0] * len(runs)
         lost = [0] * len(runs)
@@ -146,18 +183,42 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
                     out = models[k](xe)
                     eval_loss = float(wl.loss_fn(out.double(), y_eval.to(device)))
                 dist = float((flat_parameters(models[k]).double() - ref).norm() / ref.norm())
-                rows.append({"experiment": NAME, "workload": w, "run": label, "param_format": pfmt,
-                             "buffer_format": bfmt, "strategy": strategy, "n_accum": n, "micro_batch": b,
-                             "trial": trial, "seed": data_seed, "step": step, "train_loss": losses[k],
-                             "eval_loss": eval_loss, "eval_accuracy": _accuracy(out, y_eval.to(device)),
-                             "weight_distance": dist,
-                             "lost_update_fraction": lost[k] / adds[k] if adds[k] else 0.0})  # fmt: skip
+                rows.append(
+                    {
+                        "experiment": NAME,
+                        "workload": w,
+                        "run": label,
+                        "param_format": pfmt,
+                        "buffer_format": bfmt,
+                        "strategy": strategy,
+                        "n_accum": n,
+                        "micro_batch": b,
+                        "trial": trial,
+                        "seed": data_seed,
+                        "step": step,
+                        "train_loss": losses[k],
+                        "eval_loss": eval_loss,
+                        "eval_accuracy": _accuracy(out, y_eval.to(device)),
+                        "weight_distance": dist,
+                        "lost_update_fraction": lost[k] / adds[k] if adds[k] else 0.0,
+                    }
+                )
         for acc in accs:
             acc.remove()
         return rows
 
-    return run_tasks(NAME, out_dir, config.tasks(), work, columns=COLUMNS, config=dataclasses.asdict(config),
-                     seed=seed, device=device, shard=shard, progress=progress)  # fmt: skip
+    return run_tasks(
+        NAME,
+        out_dir,
+        config.tasks(),
+        work,
+        columns=COLUMNS,
+        config=dataclasses.asdict(config),
+        seed=seed,
+        device=device,
+        shard=shard,
+        progress=progress,
+    )
 
 
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
@@ -182,8 +243,15 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
             mine = [r for r in rows if r["workload"] == w and r["run"] == label]
             own = {"fp64": PALETTE["black"], "fp32": PALETTE["sky"], "bf16 params, fp32 buffer": PALETTE["purple"]}
             color = own.get(label, buffer_style(buffer, strategy)["color"])  # bf16 buffers: the strategy's colour
-            kw = {"color": color, "marker": markers[label], "markersize": 5, "markerfacecolor": "none",
-                  "linewidth": 1.1, "linestyle": "-" if param != "bf16" else "--", "label": label}  # fmt: skip
+            kw = {
+                "color": color,
+                "marker": markers[label],
+                "markersize": 5,
+                "markerfacecolor": "none",
+                "linewidth": 1.1,
+                "linestyle": "-" if param != "bf16" else "--",
+                "label": label,
+            }
             curve = trial_means([r for r in mine if int(r["n_accum"]) == n_max], "step", "eval_loss")
             axes[0, j].plot(*zip(*curve, strict=True), **kw)
             if label == "fp64":  # the reference: at distance 0 from itself

@@ -86,9 +86,26 @@ from precision_lab.sweep import SCALINGS, TrialData, power_grid, run_tasks, stab
 from precision_lab.workloads import MODEL_WORKLOADS
 
 NAME = "underflow"
-COLUMNS = ("experiment", "workload", "compute_format", "buffer_format", "strategy", "scaling", "loss_scale",
-           "n_accum", "micro_batch", "effective_batch", "trial", "seed", "flushed_fraction", "zeroed_fraction", "subnormal_fraction",
-           "nonfinite_inputs", *metrics.METRIC_NAMES, "quantisation_floor")  # fmt: skip
+COLUMNS = (
+    "experiment",
+    "workload",
+    "compute_format",
+    "buffer_format",
+    "strategy",
+    "scaling",
+    "loss_scale",
+    "n_accum",
+    "micro_batch",
+    "effective_batch",
+    "trial",
+    "seed",
+    "flushed_fraction",
+    "zeroed_fraction",
+    "subnormal_fraction",
+    "nonfinite_inputs",
+    *metrics.METRIC_NAMES,
+    "quantisation_floor",
+)
 
 # An fp64 element at most this fraction of its micro-gradient's largest one counts as zero in exact
 # arithmetic.  Where the exact value is a sum that cancels to 0, fp64 backward leaves a residue of
@@ -99,8 +116,13 @@ COLUMNS = ("experiment", "workload", "compute_format", "buffer_format", "strateg
 EXACT_ZERO = float.fromhex("0x1p-50")
 
 # The format of the gradient each compute precision produces (bf16 autocast: fp32 gradients).
-GRADIENT_FORMAT: dict[str, str] = {"fp64": "fp64", "fp32": "fp32", "bf16_autocast": "fp32", "bf16": "bf16",
-                                   "fp16": "fp16"}  # fmt: skip
+GRADIENT_FORMAT: dict[str, str] = {
+    "fp64": "fp64",
+    "fp32": "fp32",
+    "bf16_autocast": "fp32",
+    "bf16": "bf16",
+    "fp16": "fp16",
+}
 
 
 @dataclass(frozen=True)
@@ -182,16 +204,25 @@ class Config:
     def tasks(self) -> list[dict[str, Any]]:
         """One task per (workload, compute, N, trial); scalings, loss scales and buffers share it."""
         self.validate()
-        return [{"workload": w, "compute_format": c, "n_accum": n, "trial": t}
-                for w, e in zip(self.workloads, self.effective_batch, strict=True)
-                for c in self.computes() for n in self.grid(e) for t in range(self.trials)]  # fmt: skip
+        return [
+            {"workload": w, "compute_format": c, "n_accum": n, "trial": t}
+            for w, e in zip(self.workloads, self.effective_batch, strict=True)
+            for c in self.computes()
+            for n in self.grid(e)
+            for t in range(self.trials)
+        ]
 
 
 # --------------------------------------------------------------------------------------------------
 # counting what underflows on the way into the buffer
 # --------------------------------------------------------------------------------------------------
-def flush_counts(exact: torch.Tensor, grad: torch.Tensor, buffer: str | Format,
-                 narrow: str | Format | None = None, scale: float = 1.0) -> dict[str, int]:  # fmt: skip
+def flush_counts(
+    exact: torch.Tensor,
+    grad: torch.Tensor,
+    buffer: str | Format,
+    narrow: str | Format | None = None,
+    scale: float = 1.0,
+) -> dict[str, int]:
     """Count what happens to the nonzero elements of ``exact`` on their way into the buffer.
 
     Args:
@@ -244,9 +275,18 @@ def _narrower(compute: str, buffer: str) -> Format:
     return a if a.smallest_normal >= b.smallest_normal else b
 
 
-def measure(engine: GradientEngine, exact_engine: GradientEngine, inputs: torch.Tensor, targets: torch.Tensor,
-            reference: torch.Tensor, n_micro: int, buffers: Sequence[tuple[str, str]],
-            passes: Sequence[tuple[str, float]], *, seed: int = 0) -> list[list[dict[str, Any]]]:  # fmt: skip
+def measure(
+    engine: GradientEngine,
+    exact_engine: GradientEngine,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    reference: torch.Tensor,
+    n_micro: int,
+    buffers: Sequence[tuple[str, str]],
+    passes: Sequence[tuple[str, float]],
+    *,
+    seed: int = 0,
+) -> list[list[dict[str, Any]]]:
     """Split the batch into N micro-batches; for every (scaling, S) in ``passes`` accumulate and count.
 
     One pass over the fp64 micro-gradients (``exact_engine``) runs in lockstep with one pass of
@@ -282,13 +322,27 @@ def measure(engine: GradientEngine, exact_engine: GradientEngine, inputs: torch.
     formats = list(dict.fromkeys(b for b, _ in buffers))
     narrow = {b: _narrower(engine.compute, b) for b in formats}
     device = engine.device
-    streams = [engine.micro_gradients(inputs, targets, n_micro, divide_by=n_micro if scaling == "pre" else 1,
-                                      loss_scale=s) for scaling, s in passes]  # fmt: skip
-    accs = [[Accumulator(strategy, b, (engine.num_params,), device=device,
-                         generator=torch.Generator(device=device).manual_seed(stable_seed(seed, p, b, strategy)))
-             for b, strategy in buffers] for p in passes]  # fmt: skip
-    counts = [{b: dict.fromkeys(("nonzero", "flushed", "zeroed", "subnormal", "nonfinite"), 0) for b in formats}
-              for _ in passes]  # fmt: skip
+    streams = [
+        engine.micro_gradients(inputs, targets, n_micro, divide_by=n_micro if scaling == "pre" else 1, loss_scale=s)
+        for scaling, s in passes
+    ]
+    accs = [
+        [
+            Accumulator(
+                strategy,
+                b,
+                (engine.num_params,),
+                device=device,
+                generator=torch.Generator(device=device).manual_seed(stable_seed(seed, p, b, strategy)),
+            )
+            for b, strategy in buffers
+        ]
+        for p in passes
+    ]
+    counts = [
+        {b: dict.fromkeys(("nonzero", "flushed", "zeroed", "subnormal", "nonfinite"), 0) for b in formats}
+        for _ in passes
+    ]
     # Counting and adding are elementwise work on 10^4..10^6 numbers: one intra-op thread (the engines
     # set their own) loses little, gives the same bits, and avoids idle-spinning threads that cost
     # ten times the work on a shared machine.
@@ -312,13 +366,26 @@ def measure(engine: GradientEngine, exact_engine: GradientEngine, inputs: torch.
         rows = []
         for acc in pass_accs:
             c = pass_counts[acc.format.name]
-            m = metrics.compare(acc.scaled_value(factor), reference, acc.format, lost_updates=acc.lost_updates,
-                                element_adds=acc.element_adds)  # fmt: skip
-            rows.append({"buffer_format": acc.format.name, "strategy": acc.strategy, "n_accum": n_micro,
-                         "flushed_fraction": c["flushed"] / c["nonzero"] if c["nonzero"] else 0.0,
-                         "zeroed_fraction": c["zeroed"] / c["nonzero"] if c["nonzero"] else 0.0,
-                         "subnormal_fraction": c["subnormal"] / c["nonzero"] if c["nonzero"] else 0.0,
-                         "nonfinite_inputs": c["nonfinite"], **m, "quantisation_floor": floors[acc.format.name]})  # fmt: skip
+            m = metrics.compare(
+                acc.scaled_value(factor),
+                reference,
+                acc.format,
+                lost_updates=acc.lost_updates,
+                element_adds=acc.element_adds,
+            )
+            rows.append(
+                {
+                    "buffer_format": acc.format.name,
+                    "strategy": acc.strategy,
+                    "n_accum": n_micro,
+                    "flushed_fraction": c["flushed"] / c["nonzero"] if c["nonzero"] else 0.0,
+                    "zeroed_fraction": c["zeroed"] / c["nonzero"] if c["nonzero"] else 0.0,
+                    "subnormal_fraction": c["subnormal"] / c["nonzero"] if c["nonzero"] else 0.0,
+                    "nonfinite_inputs": c["nonfinite"],
+                    **m,
+                    "quantisation_floor": floors[acc.format.name],
+                }
+            )
         out.append(rows)
     return out
 
@@ -332,8 +399,15 @@ def _check_loss_scale(s: float) -> float:
 # --------------------------------------------------------------------------------------------------
 # run
 # --------------------------------------------------------------------------------------------------
-def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cpu",
-        shard: tuple[int, int] | None = None, progress: bool = True) -> Path | None:  # fmt: skip
+def run(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> Path | None:
     """Run (or resume) the sweep; returns ``results.csv`` once the whole grid is done."""
     tasks = config.tasks()  # validates the config before anything is computed
     trials = TrialData.for_config(config, seed=seed, device=device)
@@ -343,18 +417,48 @@ def run(config: Config, out_dir: str | Path, *, seed: int = 0, device: str = "cp
         w, compute, n, trial = task["workload"], task["compute_format"], task["n_accum"], task["trial"]
         x, y, ref, data_seed = trials.data(w, trial)
         passes = [(scaling, float(s)) for scaling in config.scalings for s in config.loss_scales]
-        measured = measure(trials.engine(w, compute), trials.engine(w, "fp64"), x, y, ref, n, config.buffers(compute), passes,
-                           seed=stable_seed(seed, w, compute, n, trial))  # fmt: skip
+        measured = measure(
+            trials.engine(w, compute),
+            trials.engine(w, "fp64"),
+            x,
+            y,
+            ref,
+            n,
+            config.buffers(compute),
+            passes,
+            seed=stable_seed(seed, w, compute, n, trial),
+        )
         rows = []
         for (scaling, s), pass_rows in zip(passes, measured, strict=True):
             for r in pass_rows:
-                rows.append({"experiment": NAME, "workload": w, "compute_format": compute, "scaling": scaling,
-                             "loss_scale": s, "micro_batch": batch[w] // n, "effective_batch": batch[w],
-                             "trial": trial, "seed": data_seed, **r})  # fmt: skip
+                rows.append(
+                    {
+                        "experiment": NAME,
+                        "workload": w,
+                        "compute_format": compute,
+                        "scaling": scaling,
+                        "loss_scale": s,
+                        "micro_batch": batch[w] // n,
+                        "effective_batch": batch[w],
+                        "trial": trial,
+                        "seed": data_seed,
+                        **r,
+                    }
+                )
         return rows
 
-    return run_tasks(NAME, out_dir, tasks, work, columns=COLUMNS, config=dataclasses.asdict(config), seed=seed,
-                     device=device, shard=shard, progress=progress)  # fmt: skip
+    return run_tasks(
+        NAME,
+        out_dir,
+        tasks,
+        work,
+        columns=COLUMNS,
+        config=dataclasses.asdict(config),
+        seed=seed,
+        device=device,
+        shard=shard,
+        progress=progress,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,15 +489,18 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     regimes = list(dict.fromkeys((r["compute_format"], r["buffer_format"], r["strategy"]) for r in rows))
     scales = sorted({float(r["loss_scale"]) for r in rows})
     series = [(sc, s) for s in scales for sc in SCALINGS if any(r["scaling"] == sc for r in rows)]
-    colors = dict(zip(scales, [PALETTE[c] for c in ("vermillion", "blue", "green", "purple", "orange", "sky")],
-                      strict=False))  # fmt: skip
+    colors = dict(
+        zip(scales, [PALETTE[c] for c in ("vermillion", "blue", "green", "purple", "orange", "sky")], strict=False)
+    )
     style = {"pre": {"linestyle": "-", "marker": "o"}, "post": {"linestyle": "--", "marker": "s"}}
     fractions = ("flushed_fraction", "subnormal_fraction")
     positive = [float(r[c]) for r in rows for c in fractions if float(r[c]) > 0]
     zero_at = 10.0 ** (math.floor(math.log10(min(positive, default=1e-6))) - 1)  # where a fraction of 0 is drawn
-    panels = (("flushed_fraction", "flushed to zero\n(fraction of nonzero elements)"),
-              ("subnormal_fraction", "arriving subnormal\n(fraction of nonzero elements)"),
-              ("rel_l2_error", "relative L2 error\nvs fp64 large batch"))  # fmt: skip
+    panels = (
+        ("flushed_fraction", "flushed to zero\n(fraction of nonzero elements)"),
+        ("subnormal_fraction", "arriving subnormal\n(fraction of nonzero elements)"),
+        ("rel_l2_error", "relative L2 error\nvs fp64 large batch"),
+    )
 
     def by_n(sel: list[dict[str, str]], column: str) -> dict[int, list[float]]:
         out: dict[int, list[float]] = {}
@@ -401,13 +508,21 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
             out.setdefault(int(r["n_accum"]), []).append(float(r[column]))
         return dict(sorted(out.items()))
 
-    fig, axes = plt.subplots(len(panels) * len(workloads), len(regimes), squeeze=False,
-                             figsize=(4.3 * len(regimes) + 2.2, 2.6 * len(panels) * len(workloads)))  # fmt: skip
+    fig, axes = plt.subplots(
+        len(panels) * len(workloads),
+        len(regimes),
+        squeeze=False,
+        figsize=(4.3 * len(regimes) + 2.2, 2.6 * len(panels) * len(workloads)),
+    )
     overflow_seen = False
     for i, w in enumerate(workloads):
         for j, (compute, buffer, strategy) in enumerate(regimes):
-            here = [r for r in rows if (r["workload"], r["compute_format"], r["buffer_format"], r["strategy"])
-                    == (w, compute, buffer, strategy)]  # fmt: skip
+            here = [
+                r
+                for r in rows
+                if (r["workload"], r["compute_format"], r["buffer_format"], r["strategy"])
+                == (w, compute, buffer, strategy)
+            ]
             ax = {m: axes[len(panels) * i + k, j] for k, (m, _) in enumerate(panels)}
             overflowing = []
             for idx, (scaling, s) in enumerate(series):
@@ -416,14 +531,26 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
                     continue
                 dodge = 2.0 ** (0.08 * (idx - (len(series) - 1) / 2))
                 nest = len(series) - 1 - idx  # earlier curves drawn wider: coinciding ones show as nested rings
-                kw = {"color": colors.get(s, PALETTE["black"]), "markersize": 3 + 0.8 * nest, "linewidth": 1 + 0.3 * nest,
-                      "label": f"{scaling}, {_scale_label(s)}", **style[scaling]}  # fmt: skip
+                kw = {
+                    "color": colors.get(s, PALETTE["black"]),
+                    "markersize": 3 + 0.8 * nest,
+                    "linewidth": 1 + 0.3 * nest,
+                    "label": f"{scaling}, {_scale_label(s)}",
+                    **style[scaling],
+                }
                 for m in fractions:
                     means = {n * dodge: sum(v) / len(v) for n, v in by_n(sel, m).items()}
                     ax[m].plot(list(means), [f or zero_at for f in means.values()], **kw)
                     zeros = [n for n, f in means.items() if f == 0]  # hollow markers on the bottom line: exactly 0
-                    ax[m].plot(zeros, [zero_at] * len(zeros), linestyle="none", marker=kw["marker"], color=kw["color"],
-                               markersize=kw["markersize"], markerfacecolor="white")  # fmt: skip
+                    ax[m].plot(
+                        zeros,
+                        [zero_at] * len(zeros),
+                        linestyle="none",
+                        marker=kw["marker"],
+                        color=kw["color"],
+                        markersize=kw["markersize"],
+                        markerfacecolor="white",
+                    )
                 errors = by_n(sel, "rel_l2_error")
                 nonfinite = by_n(sel, "nonfinite")
                 ok = {
@@ -439,8 +566,14 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
             finite = [float(r["rel_l2_error"]) for r in here if math.isfinite(float(r["rel_l2_error"]))]
             floor_matters = bool(finite) and max(v[0] for v in floor.values()) > min(finite) / 100
             if floor_matters:  # (a negligible floor would only squash the axis)
-                ax["rel_l2_error"].plot(list(floor), [v[0] for v in floor.values()], color=PALETTE["black"],
-                                        linestyle=":", linewidth=0.9, label="fp64 truth rounded to the buffer format")  # fmt: skip
+                ax["rel_l2_error"].plot(
+                    list(floor),
+                    [v[0] for v in floor.values()],
+                    color=PALETTE["black"],
+                    linestyle=":",
+                    linewidth=0.9,
+                    label="fp64 truth rounded to the buffer format",
+                )
             e = ax["rel_l2_error"]
             e.set_yscale("log")
             lo, hi = e.get_ylim() if finite else (1e-4, 1e-2)
@@ -454,10 +587,17 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
             if overflowing:
                 for k, (ns, color, label) in enumerate(overflowing):
                     y = 0.95 - 0.08 * k
-                    e.plot(ns, [y] * len(ns), linestyle="none", marker="x", markersize=6, color=color,
-                           markeredgewidth=1.4, transform=e.get_xaxis_transform())  # fmt: skip
-                    e.text(0.02, y, f"inf/NaN ({label})", transform=e.transAxes, fontsize=6.5, va="center",
-                           color=color)  # fmt: skip
+                    e.plot(
+                        ns,
+                        [y] * len(ns),
+                        linestyle="none",
+                        marker="x",
+                        markersize=6,
+                        color=color,
+                        markeredgewidth=1.4,
+                        transform=e.get_xaxis_transform(),
+                    )
+                    e.text(0.02, y, f"inf/NaN ({label})", transform=e.transAxes, fontsize=6.5, va="center", color=color)
             ax["flushed_fraction"].set_title(f"{w}: {compute} micro-gradients\n-> {buffer} buffer ({strategy})")
             for m, label in panels:
                 a = ax[m]
@@ -475,9 +615,12 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     if overflow_seen:
         handles.append(plt.Line2D([], [], linestyle="none", marker="x", color=PALETTE["black"], markeredgewidth=1.4))
         labels.append("inf/NaN in the accumulated\ngradient (overflow) in >= 1\ntrial: a labelled row at the top")
-    axes[0, -1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.04, 1.0),
-                       title="1/N placement, loss scale S")  # fmt: skip
-    fig.suptitle("fp16 underflow vs N: micro-gradient elements flushed to zero or left subnormal, and the error,\n"
-                 "with the 1/N scaling before (pre) or after (post) accumulation, with and without a static "
-                 "loss scale S (trial means)")  # fmt: skip
+    axes[0, -1].legend(
+        handles, labels, loc="upper left", bbox_to_anchor=(1.04, 1.0), title="1/N placement, loss scale S"
+    )
+    fig.suptitle(
+        "fp16 underflow vs N: micro-gradient elements flushed to zero or left subnormal, and the error,\n"
+        "with the 1/N scaling before (pre) or after (post) accumulation, with and without a static "
+        "loss scale S (trial means)"
+    )
     return [save_figure(fig, fig_dir, NAME)]

@@ -99,8 +99,9 @@ def _params(fmt: Format, mode: str, saturate: bool) -> tuple[int, ...]:
     return fmt.mantissa_bits, fmt.emin, qmin, fmax, over, flush, inf_to, inf_sign
 
 
-def round_into(x: torch.Tensor, out: torch.Tensor, fmt: Format, mode: str, *, saturate: bool, key: int,
-               random_bits: int | None) -> None:  # fmt: skip
+def round_into(
+    x: torch.Tensor, out: torch.Tensor, fmt: Format, mode: str, *, saturate: bool, key: int, random_bits: int | None
+) -> None:
     """Round ``x`` into ``fmt`` and write the result into ``out``: the bits of ``_generic(...).to(x.dtype)``.
 
     Args:
@@ -149,8 +150,9 @@ def round_into(x: torch.Tensor, out: torch.Tensor, fmt: Format, mode: str, *, sa
         elif k.stochastic(xa, oa, *fin, ukey) > 0:
             # Some element tied with its first 63-bit word and has bits of frac below 2**-63:
             # settle every such element exactly with the refinement words, serially.
-            keys = np.array([key & ((1 << 64) - 1)] + [_random.mix_key(key, lv) for lv in range(1, _MAX_LEVELS)],
-                            dtype=np.uint64)  # fmt: skip
+            keys = np.array(
+                [key & ((1 << 64) - 1)] + [_random.mix_key(key, lv) for lv in range(1, _MAX_LEVELS)], dtype=np.uint64
+            )
             k.refine(xa, oa, *fin, keys)
 
 
@@ -286,6 +288,11 @@ def _kernels() -> SimpleNamespace:
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
     par = functools.partial(_jit, numba, parallel=True)
-    return SimpleNamespace(nearest=par(_nearest), zero=par(_zero), stochastic=par(_stochastic),
-                           stochastic_bits=par(_stochastic_bits), refine=_jit(numba, _refine),
-                           set_threads=set_threads)  # fmt: skip
+    return SimpleNamespace(
+        nearest=par(_nearest),
+        zero=par(_zero),
+        stochastic=par(_stochastic),
+        stochastic_bits=par(_stochastic_bits),
+        refine=_jit(numba, _refine),
+        set_threads=set_threads,
+    )

@@ -34,22 +34,34 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="results", help="results folder (default: results/)")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     r.add_argument("--seed", type=_seed, default=0)
-    r.add_argument("--shard", default=None, metavar="I/K",
-                   help="compute only the I-th of K interleaved parts of the grid; the run that finds every "
-                   "part done writes results.csv")  # fmt: skip
+    r.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/K",
+        help="compute only the I-th of K interleaved parts of the grid; the run that finds every "
+        "part done writes results.csv",
+    )
     pl = sub.add_parser("plot", help="rebuild an experiment's figures from stored results")
     pl.add_argument("experiment")
     pl.add_argument("--out", default="results")
     rp = sub.add_parser("reproduce", help="run every experiment, build every figure and write the claims report")
     rp.add_argument("--quick", action="store_true")
     rp.add_argument("--out", default="results")
-    rp.add_argument("--figures", default=None, metavar="DIR",
-                    help="where the figures and CLAIMS.md go (default: figures/ for the full run, OUT/figures "
-                    "with --quick)")  # fmt: skip
+    rp.add_argument(
+        "--figures",
+        default=None,
+        metavar="DIR",
+        help="where the figures and CLAIMS.md go (default: figures/ for the full run, OUT/figures with --quick)",
+    )
     rp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     rp.add_argument("--seed", type=_seed, default=0)
-    rp.add_argument("--jobs", type=_jobs, default=1, metavar="K",
-                    help="run each experiment as K shard processes at once (default 1); the bytes do not change")  # fmt: skip
+    rp.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=1,
+        metavar="K",
+        help="run each experiment as K shard processes at once (default 1); the bytes do not change",
+    )
     rr = sub.add_parser("report", help="write CLAIMS.md from stored results (no recomputation)")
     rr.add_argument("--out", default="results")
     rr.add_argument("--figures", default=None, metavar="DIR", help="where CLAIMS.md goes (default: OUT/figures)")
@@ -65,8 +77,10 @@ def _run(name: str, *, quick: bool, out: Path, device: str, seed: int, shard: st
     config = exp.Config.quick() if quick else exp.Config()
     path = exp.run(config, out / name, seed=seed, device=device, shard=part)
     if path is None:
-        print(f"{name}: shard {shard} done; results.csv is written by the run that finds every shard finished "
-              f"(run again without --shard to merge)")  # fmt: skip
+        print(
+            f"{name}: shard {shard} done; results.csv is written by the run that finds every shard finished "
+            f"(run again without --shard to merge)"
+        )
         return False
     print(f"{name}: results in {path}")
     return True
@@ -79,16 +93,30 @@ def _run_parallel(name: str, *, jobs: int, quick: bool, out: Path, device: str, 
     if getattr(get_experiment(name), "SERIAL", False):
         jobs = 1  # its measurements (wall times) must not compete with other processes
     if jobs > 1:
-        base = [sys.executable, "-m", "precision_lab.cli", "run", name, "--out", str(out), "--device", device,
-                "--seed", str(seed), *(["--quick"] if quick else [])]  # fmt: skip
+        base = [
+            sys.executable,
+            "-m",
+            "precision_lab.cli",
+            "run",
+            name,
+            "--out",
+            str(out),
+            "--device",
+            device,
+            "--seed",
+            str(seed),
+            *(["--quick"] if quick else []),
+        ]
         # Split the cores between the shards: oversubscribed numba/OpenMP workers spin, and with 2
         # shards x 2 threads on 2 cores a sweep ran ~10x slower (measured). Results do not depend
         # on thread counts (tested), only the speed does.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         per = str(max(1, cores // jobs))
         env = {**os.environ, "OMP_NUM_THREADS": per, "NUMBA_NUM_THREADS": per}
-        procs = [subprocess.Popen([*base, "--shard", f"{i}/{jobs}"], stdout=subprocess.DEVNULL, env=env)
-                 for i in range(1, jobs + 1)]  # fmt: skip
+        procs = [
+            subprocess.Popen([*base, "--shard", f"{i}/{jobs}"], stdout=subprocess.DEVNULL, env=env)
+            for i in range(1, jobs + 1)
+        ]
         failed = [i + 1 for i, p in enumerate(procs) if p.wait() != 0]
         if failed:
             raise ValueError(f"{name}: shard process(es) {failed} of {jobs} failed (see their messages above)")
@@ -145,14 +173,23 @@ def main(argv: list[str] | None = None) -> int:
             for name in sorted(REGISTRY):
                 print(name)
         elif args.command == "run":
-            _run(args.experiment, quick=args.quick, out=Path(args.out), device=args.device, seed=args.seed,
-                 shard=args.shard)  # fmt: skip
+            _run(
+                args.experiment,
+                quick=args.quick,
+                out=Path(args.out),
+                device=args.device,
+                seed=args.seed,
+                shard=args.shard,
+            )
         elif args.command == "plot":
             _plot(args.experiment, Path(args.out), Path(args.out) / "figures")
         elif args.command == "report":
-            _report(Path(args.out), Path(args.figures or Path(args.out) / "figures"),
-                    f"Written by `precision-lab report` from the results in `{args.out}/` (each experiment's "
-                    "`metadata.json` holds its config, seed, device and git commit).")  # fmt: skip
+            _report(
+                Path(args.out),
+                Path(args.figures or Path(args.out) / "figures"),
+                f"Written by `precision-lab report` from the results in `{args.out}/` (each experiment's "
+                "`metadata.json` holds its config, seed, device and git commit).",
+            )
         else:
             out = Path(args.out)
             fig_dir = Path(args.figures or (out / "figures" if args.quick else "figures"))
@@ -160,8 +197,12 @@ def main(argv: list[str] | None = None) -> int:
                 _run_parallel(name, jobs=args.jobs, quick=args.quick, out=out, device=args.device, seed=args.seed)
                 _plot(name, out, fig_dir)
             size = "quick sizes (`--quick`)" if args.quick else "full sizes"
-            _report(out, fig_dir, f"Written by `precision-lab reproduce{' --quick' if args.quick else ''}` "
-                    f"({size}, seed {args.seed}, device {args.device}) from the results in `{out}/`.")  # fmt: skip
+            _report(
+                out,
+                fig_dir,
+                f"Written by `precision-lab reproduce{' --quick' if args.quick else ''}` "
+                f"({size}, seed {args.seed}, device {args.device}) from the results in `{out}/`.",
+            )
     except (ValueError, FileNotFoundError) as exc:
         print(f"precision-lab: error: {exc}", file=sys.stderr)
         return 2

@@ -274,8 +274,16 @@ def micro_batches(x: torch.Tensor, y: torch.Tensor, n: int) -> list[Batch]:
 # -- gradients and optimizer steps ---------------------------------------------------------------
 
 
-def accumulated_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int, *, loss_fn: LossFn = F.cross_entropy,
-                         dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:  # fmt: skip
+def accumulated_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n: int,
+    *,
+    loss_fn: LossFn = F.cross_entropy,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> torch.Tensor:
     """The gradient a training loop accumulates: ``(loss_i / N).backward()`` for each of N micro-batches.
 
     ``n=1`` gives the large-batch gradient of the same code path.  The model's train/eval mode is
@@ -301,8 +309,16 @@ def accumulated_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n: 
     return flat_gradients(m)
 
 
-def _optimizer_step(m: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, n: int,
-                    convention: str, loss_fn: LossFn, dtype: torch.dtype) -> None:  # fmt: skip
+def _optimizer_step(
+    m: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n: int,
+    convention: str,
+    loss_fn: LossFn,
+    dtype: torch.dtype,
+) -> None:
     opt.zero_grad()
     if convention == "large_batch":
         loss_fn(m(_cast(x, dtype)), y).backward()
@@ -316,8 +332,17 @@ def _optimizer_step(m: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     opt.step()
 
 
-def trajectory(model: nn.Module, batches: Sequence[Batch], n: int, spec: OptimizerSpec, *, convention: str,
-               loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:  # fmt: skip
+def trajectory(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    n: int,
+    spec: OptimizerSpec,
+    *,
+    convention: str,
+    loss_fn: LossFn = F.cross_entropy,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> torch.Tensor:
     """Take one optimizer step per batch under an accumulation convention; return the parameters after each.
 
     Args:
@@ -356,14 +381,32 @@ def trajectory(model: nn.Module, batches: Sequence[Batch], n: int, spec: Optimiz
     return torch.stack(rows).to(torch.float64)
 
 
-def train(model: nn.Module, batches: Sequence[Batch], n: int, spec: OptimizerSpec, *, convention: str,
-          loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:  # fmt: skip
+def train(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    n: int,
+    spec: OptimizerSpec,
+    *,
+    convention: str,
+    loss_fn: LossFn = F.cross_entropy,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> torch.Tensor:
     """The parameters after the last step of :func:`trajectory` (flat float64)."""
     return trajectory(model, batches, n, spec, convention=convention, loss_fn=loss_fn, dtype=dtype, seed=seed)[-1]
 
 
-def accumulated_update(model: nn.Module, batches: Sequence[Batch], n: int, spec: OptimizerSpec, *, convention: str,
-                       loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:  # fmt: skip
+def accumulated_update(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    n: int,
+    spec: OptimizerSpec,
+    *,
+    convention: str,
+    loss_fn: LossFn = F.cross_entropy,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> torch.Tensor:
     """The parameter change of :func:`train`: final minus initial parameters (flat float64).
 
     The subtraction is rounded: each entry carries up to half an ulp of ``|final|`` beyond the
@@ -389,8 +432,10 @@ def _check_tokens(micro: Sequence[TokenBatch]) -> None:
         raise ValueError("micro_batches is empty")
     for i, b in enumerate(micro):
         if b.mask.dtype != torch.bool or b.mask.shape != b.y.shape or tuple(b.x.shape[:2]) != tuple(b.y.shape):
-            raise ValueError(f"micro-batch {i}: x {tuple(b.x.shape)}, y {tuple(b.y.shape)} and bool mask "
-                             f"{tuple(b.mask.shape)} ({b.mask.dtype}) must share (B, T)")  # fmt: skip
+            raise ValueError(
+                f"micro-batch {i}: x {tuple(b.x.shape)}, y {tuple(b.y.shape)} and bool mask "
+                f"{tuple(b.mask.shape)} ({b.mask.dtype}) must share (B, T)"
+            )
         if not bool(b.mask.any()):
             raise ValueError(f"micro-batch {i} holds no real token (its mask is all False)")
 
@@ -406,8 +451,14 @@ def _pad_cat(micro: Sequence[TokenBatch]) -> TokenBatch:
     return TokenBatch(*(torch.cat([pad(getattr(b, f)) for b in micro]) for f in TokenBatch._fields))
 
 
-def token_gradient(model: nn.Module, micro_batches: Sequence[TokenBatch], *, normalisation: str,
-                   dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:  # fmt: skip
+def token_gradient(
+    model: nn.Module,
+    micro_batches: Sequence[TokenBatch],
+    *,
+    normalisation: str,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> torch.Tensor:
     """The gradient of a token-level cross-entropy accumulated over micro-batches of padded sequences.
 
     Args:
@@ -444,9 +495,16 @@ def token_gradient(model: nn.Module, micro_batches: Sequence[TokenBatch], *, nor
 # -- a partial last window -----------------------------------------------------------------------
 
 
-def window_gradients(model: nn.Module, micro_batches: Sequence[Batch], n: int, *, mode: str,
-                     loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype = torch.float64,
-                     seed: int = 0) -> list[torch.Tensor]:  # fmt: skip
+def window_gradients(
+    model: nn.Module,
+    micro_batches: Sequence[Batch],
+    n: int,
+    *,
+    mode: str,
+    loss_fn: LossFn = F.cross_entropy,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> list[torch.Tensor]:
     """The gradient of each accumulation window when M micro-batches are grouped N at a time.
 
     The windows are consecutive groups of N micro-batches; when N does not divide M the last one

@@ -171,13 +171,25 @@ _NAMED: dict[str, Format] = {
     "fp8_e5m2": Format("fp8_e5m2", 5, 2, torch_dtype=torch.float8_e5m2),
 }
 _ALIASES = {
-    "float64": "fp64", "double": "fp64", "float32": "fp32", "float": "fp32", "bfloat16": "bf16",
-    "float16": "fp16", "half": "fp16", "float8_e4m3fn": "fp8_e4m3", "e4m3fn": "fp8_e4m3",
+    "float64": "fp64",
+    "double": "fp64",
+    "float32": "fp32",
+    "float": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    "float8_e4m3fn": "fp8_e4m3",
+    "e4m3fn": "fp8_e4m3",
     "float8_e5m2": "fp8_e5m2",
-}  # fmt: skip
+}
 # IEEE layouts that torch stores natively: a custom "eXmY" with one of these layouts gets the dtype.
-_NATIVE_LAYOUTS = {(11, 52): torch.float64, (8, 23): torch.float32, (8, 7): torch.bfloat16,
-                   (5, 10): torch.float16, (5, 2): torch.float8_e5m2}  # fmt: skip
+_NATIVE_LAYOUTS = {
+    (11, 52): torch.float64,
+    (8, 23): torch.float32,
+    (8, 7): torch.bfloat16,
+    (5, 10): torch.float16,
+    (5, 2): torch.float8_e5m2,
+}
 _CUSTOM = re.compile(r"e(\d+)m(\d+)")
 FORMAT_NAMES: tuple[str, ...] = tuple(_NAMED)
 
@@ -226,6 +238,12 @@ def get_format(fmt: str | Format | torch.dtype, *, subnormals: bool | None = Non
         raise ValueError(f"unknown format {fmt!r}; expected a name, a torch dtype or a Format")
     if subnormals is not None and subnormals != f.subnormals:
         base = f.name.removesuffix("_ftz")
-        f = Format(base if subnormals else base + "_ftz", f.exponent_bits, f.mantissa_bits,
-                   subnormals, f.encoding, None if not subnormals else f.torch_dtype)  # fmt: skip
+        f = Format(
+            base if subnormals else base + "_ftz",
+            f.exponent_bits,
+            f.mantissa_bits,
+            subnormals,
+            f.encoding,
+            None if not subnormals else f.torch_dtype,
+        )
     return f

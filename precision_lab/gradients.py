@@ -133,9 +133,18 @@ class GradientEngine:
             ...
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, compute: str = "fp32", *, method: str = "vmap",
-                 chunk_size: int = 64, chunk_samples: int = 256, device: str | torch.device = "cpu",
-                 threads: int | None = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        compute: str = "fp32",
+        *,
+        method: str = "vmap",
+        chunk_size: int = 64,
+        chunk_samples: int = 256,
+        device: str | torch.device = "cpu",
+        threads: int | None = 1,
+    ) -> None:
         self.compute = _check_compute(compute)
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -162,8 +171,9 @@ class GradientEngine:
         self.loss_fn = loss_fn
 
     # -- the scalar function whose gradient is taken ---------------------------------------------
-    def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, divide_by: int,
-              loss_scale: float) -> torch.Tensor:  # fmt: skip
+    def _loss(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, divide_by: int, loss_scale: float
+    ) -> torch.Tensor:
         if self.compute == "bf16_autocast":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 out = functional_call(self.model, (params, self.buffers), (x,))
@@ -183,8 +193,9 @@ class GradientEngine:
     def _flatten(self, grads: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
         return torch.cat([grads[k].reshape(lead, n) for k, _, n in self.shapes], dim=1)
 
-    def micro_gradients(self, inputs: torch.Tensor, targets: torch.Tensor, n_micro: int, *, divide_by: int = 1,
-                        loss_scale: float = 1.0) -> Iterator[torch.Tensor]:  # fmt: skip
+    def micro_gradients(
+        self, inputs: torch.Tensor, targets: torch.Tensor, n_micro: int, *, divide_by: int = 1, loss_scale: float = 1.0
+    ) -> Iterator[torch.Tensor]:
         """Yield the N micro-gradients, in order, as chunks of shape ``(k, num_params)``.
 
         The chunks are in the compute precision's gradient dtype (fp64, fp32, fp32, bf16, fp16).
@@ -228,8 +239,14 @@ class GradientEngine:
             yield out
 
 
-def reference_gradient(model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, *,
-                       device: str | torch.device = "cpu") -> torch.Tensor:  # fmt: skip
+def reference_gradient(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
     """The gradient of the whole batch's mean loss, in one fp64 pass, flattened (float64).
 
     One pass over all E samples, not a sum of chunks: a model whose output depends on the batch

@@ -103,8 +103,9 @@ def trial_means(rows: list[dict[str, str]], key: str, column: str) -> list[tuple
     return [(x, sum(v) / len(v)) for x, v in sorted(sums.items())]
 
 
-def trial_intervals(rows: list[dict[str, str]], key: str, column: str,
-                    confidence: float = 0.95) -> list[tuple[int, float, float, float]]:  # fmt: skip
+def trial_intervals(
+    rows: list[dict[str, str]], key: str, column: str, confidence: float = 0.95
+) -> list[tuple[int, float, float, float]]:
     """``(x, mean, ci_low, ci_high)`` over the trials sharing each ``x``, sorted by x.
 
     The interval is :func:`precision_lab.metrics.summarize`'s Student-t one (NaN ends with one trial).

@@ -115,8 +115,14 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent, check=False)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -148,9 +154,16 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return env
 
 
-def write_metadata(path: str | Path, *, config: Mapping[str, Any], seed: int, device: str,
-                   started: datetime, finished: datetime | None = None,
-                   extra: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+def write_metadata(
+    path: str | Path,
+    *,
+    config: Mapping[str, Any],
+    seed: int,
+    device: str,
+    started: datetime,
+    finished: datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
     """Write ``metadata.json``: environment, seed, full config, start and end time (UTC), ``extra`` keys."""
     meta = {
         **dict(extra or {}),

@@ -85,9 +85,16 @@ def _check_record(record: Collection[int]) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 # measurement
 # --------------------------------------------------------------------------------------------------
-def accumulate(chunks: Iterable[torch.Tensor], buffers: Sequence[tuple[str, str]], *, record: Collection[int],
-               reference: Callable[[int], torch.Tensor], factor: Callable[[int], float], seed: int,
-               device: str | torch.device = "cpu") -> list[dict[str, Any]]:  # fmt: skip
+def accumulate(
+    chunks: Iterable[torch.Tensor],
+    buffers: Sequence[tuple[str, str]],
+    *,
+    record: Collection[int],
+    reference: Callable[[int], torch.Tensor],
+    factor: Callable[[int], float],
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Any]]:
     """Feed one stream of micro-gradients to every buffer; measure each at every N in ``record``.
 
     Args:
@@ -122,9 +129,16 @@ def accumulate(chunks: Iterable[torch.Tensor], buffers: Sequence[tuple[str, str]
         if chunk.dim() != 2:
             raise ValueError(f"micro-gradient chunks must have shape (k, P), got {tuple(chunk.shape)}")
         if accs is None:
-            accs = [Accumulator(strategy, fmt, (chunk.shape[1],), device=device,
-                                generator=torch.Generator(device=device).manual_seed(stable_seed(seed, fmt, strategy)))
-                    for fmt, strategy in buffers]  # fmt: skip
+            accs = [
+                Accumulator(
+                    strategy,
+                    fmt,
+                    (chunk.shape[1],),
+                    device=device,
+                    generator=torch.Generator(device=device).manual_seed(stable_seed(seed, fmt, strategy)),
+                )
+                for fmt, strategy in buffers
+            ]
         for g in chunk:
             n += 1
             for acc in accs:
@@ -137,10 +151,22 @@ def accumulate(chunks: Iterable[torch.Tensor], buffers: Sequence[tuple[str, str]
                     name = acc.format.name
                     if name not in floors:
                         floors[name] = metrics.rel_l2_error(round_nearest(ref, acc.format), ref)
-                    m = metrics.compare(acc.scaled_value(f), ref, acc.format, lost_updates=acc.lost_updates,
-                                        element_adds=acc.element_adds)  # fmt: skip
-                    rows.append({"buffer_format": name, "strategy": acc.strategy, "n_accum": n, **m,
-                                 "quantisation_floor": floors[name]})  # fmt: skip
+                    m = metrics.compare(
+                        acc.scaled_value(f),
+                        ref,
+                        acc.format,
+                        lost_updates=acc.lost_updates,
+                        element_adds=acc.element_adds,
+                    )
+                    rows.append(
+                        {
+                            "buffer_format": name,
+                            "strategy": acc.strategy,
+                            "n_accum": n,
+                            **m,
+                            "quantisation_floor": floors[name],
+                        }
+                    )
             if n == want[-1]:
                 return rows
     raise ValueError(f"the stream ended after {n} micro-gradients; N={want[-1]} was asked for")
@@ -152,24 +178,50 @@ def _factor(scaling: str, loss_scale: float) -> Callable[[int], float]:
     return lambda n: 1.0 / (loss_scale * n)  # sum, then one division (and the unscale)
 
 
-def fixed_effective(engine: GradientEngine, inputs: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor,
-                    n_micro: int, buffers: Sequence[tuple[str, str]], *, scaling: str, seed: int,
-                    loss_scale: float = 1.0) -> list[dict[str, Any]]:  # fmt: skip
+def fixed_effective(
+    engine: GradientEngine,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    reference: torch.Tensor,
+    n_micro: int,
+    buffers: Sequence[tuple[str, str]],
+    *,
+    scaling: str,
+    seed: int,
+    loss_scale: float = 1.0,
+) -> list[dict[str, Any]]:
     """Fixed effective batch: the E samples split into N micro-batches of E/N, one pass for this N.
 
     ``pre`` divides each micro-batch loss by N before backward; ``post`` accumulates the
     undivided gradients and divides the sum once.  ``reference`` is the fp64 gradient of all E
     samples (:func:`~precision_lab.gradients.reference_gradient`).
     """
-    chunks = engine.micro_gradients(inputs, targets, n_micro, divide_by=n_micro if scaling == "pre" else 1,
-                                    loss_scale=loss_scale)  # fmt: skip
-    return accumulate(chunks, buffers, record={n_micro}, reference=lambda n: reference,
-                      factor=_factor(scaling, loss_scale), seed=seed, device=engine.device)  # fmt: skip
+    chunks = engine.micro_gradients(
+        inputs, targets, n_micro, divide_by=n_micro if scaling == "pre" else 1, loss_scale=loss_scale
+    )
+    return accumulate(
+        chunks,
+        buffers,
+        record={n_micro},
+        reference=lambda n: reference,
+        factor=_factor(scaling, loss_scale),
+        seed=seed,
+        device=engine.device,
+    )
 
 
-def fixed_micro(engine: GradientEngine, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int,
-                record: Collection[int], buffers: Sequence[tuple[str, str]], *, scaling: str, seed: int,
-                loss_scale: float = 1.0) -> list[dict[str, Any]]:  # fmt: skip
+def fixed_micro(
+    engine: GradientEngine,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    micro_batch: int,
+    record: Collection[int],
+    buffers: Sequence[tuple[str, str]],
+    *,
+    scaling: str,
+    seed: int,
+    loss_scale: float = 1.0,
+) -> list[dict[str, Any]]:
     """Fixed micro-batch B, growing N: micro-batch i holds samples [iB, (i+1)B) of ``inputs``.
 
     The reference at N is the fp64 gradient of the first N*B samples (one pass each).  With ``post``
@@ -180,8 +232,9 @@ def fixed_micro(engine: GradientEngine, inputs: torch.Tensor, targets: torch.Ten
     want = _check_record(record)
     n_max = want[-1]
     if inputs.shape[0] < n_max * micro_batch:
-        raise ValueError(f"N_max={n_max} micro-batches of {micro_batch} need {n_max * micro_batch} samples, "
-                         f"got {inputs.shape[0]}")  # fmt: skip
+        raise ValueError(
+            f"N_max={n_max} micro-batches of {micro_batch} need {n_max * micro_batch} samples, got {inputs.shape[0]}"
+        )
     refs: dict[int, torch.Tensor] = {}
 
     def reference(n: int) -> torch.Tensor:
@@ -190,22 +243,46 @@ def fixed_micro(engine: GradientEngine, inputs: torch.Tensor, targets: torch.Ten
         return refs[n]
 
     if _check_scaling(scaling) == "post":
-        chunks = engine.micro_gradients(inputs[: n_max * micro_batch], targets[: n_max * micro_batch], n_max,
-                                        loss_scale=loss_scale)  # fmt: skip
-        return accumulate(chunks, buffers, record=want, reference=reference, factor=_factor(scaling, loss_scale),
-                          seed=seed, device=engine.device)  # fmt: skip
+        chunks = engine.micro_gradients(
+            inputs[: n_max * micro_batch], targets[: n_max * micro_batch], n_max, loss_scale=loss_scale
+        )
+        return accumulate(
+            chunks,
+            buffers,
+            record=want,
+            reference=reference,
+            factor=_factor(scaling, loss_scale),
+            seed=seed,
+            device=engine.device,
+        )
     rows = []
     for n in want:
-        chunks = engine.micro_gradients(inputs[: n * micro_batch], targets[: n * micro_batch], n, divide_by=n,
-                                        loss_scale=loss_scale)  # fmt: skip
-        rows += accumulate(chunks, buffers, record={n}, reference=reference, factor=_factor(scaling, loss_scale),
-                           seed=seed, device=engine.device)  # fmt: skip
+        chunks = engine.micro_gradients(
+            inputs[: n * micro_batch], targets[: n * micro_batch], n, divide_by=n, loss_scale=loss_scale
+        )
+        rows += accumulate(
+            chunks,
+            buffers,
+            record={n},
+            reference=reference,
+            factor=_factor(scaling, loss_scale),
+            seed=seed,
+            device=engine.device,
+        )
     return rows
 
 
-def stream(samples: Callable[[int], torch.Tensor], compute: str, record: Collection[int],
-           buffers: Sequence[tuple[str, str]], *, scaling: str, seed: int, chunk_size: int = 256,
-           device: str | torch.device = "cpu") -> list[dict[str, Any]]:  # fmt: skip
+def stream(
+    samples: Callable[[int], torch.Tensor],
+    compute: str,
+    record: Collection[int],
+    buffers: Sequence[tuple[str, str]],
+    *,
+    scaling: str,
+    seed: int,
+    chunk_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Any]]:
     """A synthetic stream: micro-gradients drawn in fp64, quantised to ``compute``, accumulated.
 
     Args:
@@ -249,12 +326,26 @@ def stream(samples: Callable[[int], torch.Tensor], compute: str, record: Collect
             yield round_nearest(chunk / divisor if divisor != 1 else chunk, fmt)
 
     if _check_scaling(scaling) == "post":
-        return accumulate(quantised(1), buffers, record=want, reference=truth.__getitem__, factor=lambda n: 1.0 / n,
-                          seed=seed, device=device)  # fmt: skip
+        return accumulate(
+            quantised(1),
+            buffers,
+            record=want,
+            reference=truth.__getitem__,
+            factor=lambda n: 1.0 / n,
+            seed=seed,
+            device=device,
+        )
     rows = []
     for n in want:
-        rows += accumulate(quantised(n), buffers, record={n}, reference=truth.__getitem__, factor=lambda n: 1.0,
-                           seed=seed, device=device)  # fmt: skip
+        rows += accumulate(
+            quantised(n),
+            buffers,
+            record={n},
+            reference=truth.__getitem__,
+            factor=lambda n: 1.0,
+            seed=seed,
+            device=device,
+        )
     return rows
 
 
@@ -274,8 +365,18 @@ class TrialData:
         method, chunk_size, chunk_samples: passed to :class:`GradientEngine`.
     """
 
-    def __init__(self, effective_batch: Mapping[str, int], *, seed: int, size: str, warmup_steps: int | None,
-                 device: str = "cpu", method: str = "vmap", chunk_size: int = 64, chunk_samples: int = 256) -> None:  # fmt: skip
+    def __init__(
+        self,
+        effective_batch: Mapping[str, int],
+        *,
+        seed: int,
+        size: str,
+        warmup_steps: int | None,
+        device: str = "cpu",
+        method: str = "vmap",
+        chunk_size: int = 64,
+        chunk_samples: int = 256,
+    ) -> None:
         self.effective_batch = dict(effective_batch)
         self.seed, self.size, self.warmup_steps, self.device = seed, size, warmup_steps, device
         self.engine_options = {"method": method, "chunk_size": chunk_size, "chunk_samples": chunk_samples}
@@ -290,9 +391,16 @@ class TrialData:
         Reads ``workloads``, ``effective_batch``, ``size``, ``warmup_steps``, ``method``, ``chunk_size``
         and ``chunk_samples``.
         """
-        return cls(dict(zip(config.workloads, config.effective_batch, strict=True)), seed=seed, size=config.size,
-                   warmup_steps=config.warmup_steps, device=device, method=config.method,
-                   chunk_size=config.chunk_size, chunk_samples=config.chunk_samples)  # fmt: skip
+        return cls(
+            dict(zip(config.workloads, config.effective_batch, strict=True)),
+            seed=seed,
+            size=config.size,
+            warmup_steps=config.warmup_steps,
+            device=device,
+            method=config.method,
+            chunk_size=config.chunk_size,
+            chunk_samples=config.chunk_samples,
+        )
 
     def workload(self, name: str) -> ModelWorkload:
         """The warmed-up workload ``name``."""
@@ -314,8 +422,9 @@ class TrialData:
         """The gradient engine of workload ``name`` in precision ``compute``."""
         if (name, compute) not in self._engines:
             wl = self.workload(name)
-            self._engines[(name, compute)] = GradientEngine(wl.model, wl.loss_fn, compute, device=self.device,
-                                                            **self.engine_options)  # fmt: skip
+            self._engines[(name, compute)] = GradientEngine(
+                wl.model, wl.loss_fn, compute, device=self.device, **self.engine_options
+            )
         return self._engines[(name, compute)]
 
 
@@ -382,10 +491,19 @@ def code_digest(module: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(experiment: str, config: Mapping[str, Any], seed: int, device: str, columns: Sequence[str],
-                 module: str | None) -> str:  # fmt: skip
-    key = {"experiment": experiment, "config": config, "seed": seed, "device": device, "columns": list(columns),
-           "code": code_digest(module), "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
+def _fingerprint(
+    experiment: str, config: Mapping[str, Any], seed: int, device: str, columns: Sequence[str], module: str | None
+) -> str:
+    key = {
+        "experiment": experiment,
+        "config": config,
+        "seed": seed,
+        "device": device,
+        "columns": list(columns),
+        "code": code_digest(module),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -405,10 +523,19 @@ def _drop_stale_results(out: Path, fingerprint: str) -> None:
         meta.unlink(missing_ok=True)
 
 
-def run_tasks(experiment: str, out_dir: str | Path, tasks: Sequence[Mapping[str, Any]],
-              work: Callable[[Mapping[str, Any]], list[dict[str, Any]]], *, columns: Sequence[str],
-              config: Mapping[str, Any], seed: int, device: str = "cpu", shard: tuple[int, int] | None = None,
-              progress: bool = True) -> Path | None:  # fmt: skip
+def run_tasks(
+    experiment: str,
+    out_dir: str | Path,
+    tasks: Sequence[Mapping[str, Any]],
+    work: Callable[[Mapping[str, Any]], list[dict[str, Any]]],
+    *,
+    columns: Sequence[str],
+    config: Mapping[str, Any],
+    seed: int,
+    device: str = "cpu",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> Path | None:
     """Compute every unfinished task of this shard, then merge if the whole grid is done.
 
     Args:
@@ -446,8 +573,14 @@ def run_tasks(experiment: str, out_dir: str | Path, tasks: Sequence[Mapping[str,
 
     mine = [j for j in range(len(tasks)) if shard is None or j % shard[1] == shard[0] - 1]
     todo = [j for j in mine if not part(j).exists()]
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=experiment, unit="task", disable=not progress,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        desc=experiment,
+        unit="task",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     with bar:
         for j in todo:
             bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in tasks[j].items()), refresh=False)
@@ -464,7 +597,12 @@ def run_tasks(experiment: str, out_dir: str | Path, tasks: Sequence[Mapping[str,
         body.append(text[len(header) :])
     atomic_write_text(out / "results.csv", header + "".join(body))
     started = datetime.fromisoformat(started_file.read_text().strip())
-    write_metadata(out / "metadata.json", config={**config, "tasks": len(tasks), "parts": str(parts.relative_to(out))},
-                   seed=seed, device=device, started=started,
-                   extra={"experiment": experiment, "fingerprint": fingerprint, "code": code_digest(module)})  # fmt: skip
+    write_metadata(
+        out / "metadata.json",
+        config={**config, "tasks": len(tasks), "parts": str(parts.relative_to(out))},
+        seed=seed,
+        device=device,
+        started=started,
+        extra={"experiment": experiment, "fingerprint": fingerprint, "code": code_digest(module)},
+    )
     return out / "results.csv"

@@ -47,8 +47,16 @@ def _counting(calls: list[int]):  # noqa: ANN202 - DDP inspects the hook's signa
     return hook
 
 
-def window(ddp: DDP, xs: torch.Tensor, ys: torch.Tensor, rank: int, n: int, *, last_synced: bool = True,
-           calls: list[int] | None = None) -> list[int]:  # fmt: skip
+def window(
+    ddp: DDP,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    rank: int,
+    n: int,
+    *,
+    last_synced: bool = True,
+    calls: list[int] | None = None,
+) -> list[int]:
     """The standard pattern: micro-steps 1..N-1 inside no_sync, the last one outside; all-reduce counts after each."""
     seen = []
     dtype = next(ddp.parameters()).dtype

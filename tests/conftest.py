@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, settings
 
 # Profiles: "ci" (default, deterministic: derandomized so a CI run is reproducible), "dev" (more
 # examples, random), "speedy" (a quick smoke run). Select with HYPOTHESIS_PROFILE=dev.
-settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+settings.register_profile(
+    "ci", max_examples=200, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.register_profile("dev", max_examples=1000, deadline=None)
 settings.register_profile("speedy", max_examples=20, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

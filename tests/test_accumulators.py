@@ -248,9 +248,17 @@ def _examples(fraction: float) -> int:
 def _edge_values(spec: Spec, finite: bool) -> list[float]:
     """Curated values: zeros, ±1, ties, the smallest subnormal and its half, max and the overflow tie."""
     top = gap(spec.max, spec)
-    vals = [Fraction(0), Fraction(1), 1 + pow2(-spec.p), 1 + 3 * pow2(-spec.p), pow2(spec.emin),
-            pow2(spec.emin - spec.p + 1), pow2(spec.emin - spec.p), 3 * pow2(spec.emin - spec.p),
-            1 + pow2(-spec.p) + pow2(-spec.p - 30)]  # fmt: skip
+    vals = [
+        Fraction(0),
+        Fraction(1),
+        1 + pow2(-spec.p),
+        1 + 3 * pow2(-spec.p),
+        pow2(spec.emin),
+        pow2(spec.emin - spec.p + 1),
+        pow2(spec.emin - spec.p),
+        3 * pow2(spec.emin - spec.p),
+        1 + pow2(-spec.p) + pow2(-spec.p - 30),
+    ]
     # (the last one: just above a tie, where rounding through fp32 first would give the wrong side)
     if not finite:
         vals += [spec.max, spec.max + top / 2, spec.max + top / 4]
@@ -323,8 +331,9 @@ def _columns(stream: list[torch.Tensor]) -> list[list[float]]:
 
 
 @st.composite
-def streams(draw: st.DrawFn, fmt: str, *, width: int = 3, max_steps: int = 20,
-            finite: bool = False) -> list[torch.Tensor]:  # fmt: skip
+def streams(
+    draw: st.DrawFn, fmt: str, *, width: int = 3, max_steps: int = 20, finite: bool = False
+) -> list[torch.Tensor]:
     """Hypothesis version of :func:`random_stream`: a list of (width,) tensors."""
     spec = SPECS[fmt]
     lo, hi = _exponent_range(spec, finite)
@@ -346,8 +355,12 @@ def streams(draw: st.DrawFn, fmt: str, *, width: int = 3, max_steps: int = 20,
 # --------------------------------------------------------------------------------------------------
 # the oracle pinned against ml_dtypes / numpy (so the references below rest on something tested)
 # --------------------------------------------------------------------------------------------------
-_NUMPY_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp8_e4m3": ml_dtypes.float8_e4m3fn,
-                 "fp8_e5m2": ml_dtypes.float8_e5m2}  # fmt: skip
+_NUMPY_DTYPES = {
+    "bf16": ml_dtypes.bfloat16,
+    "fp16": np.float16,
+    "fp8_e4m3": ml_dtypes.float8_e4m3fn,
+    "fp8_e5m2": ml_dtypes.float8_e5m2,
+}
 
 
 @pytest.mark.parametrize("fmt", list(_NUMPY_DTYPES))
@@ -576,8 +589,11 @@ def test_exact_equals_fsum_without_cancellation() -> None:
     assert_bits_equal(acc.value(), expected)
 
 
-@pytest.mark.xfail(strict=True, reason="LIMITATION (documented in accumulators.exact_step): 'exact' is a "
-                   "double-double, exact only while partial sums fit in 106 bits; these span 121")  # fmt: skip
+@pytest.mark.xfail(
+    strict=True,
+    reason="LIMITATION (documented in accumulators.exact_step): 'exact' is a "
+    "double-double, exact only while partial sums fit in 106 bits; these span 121",
+)
 def test_exact_survives_cancellation() -> None:
     xs = [2.0**60, 1.0, 2.0**-60, -(2.0**60), -1.0]  # all exact in bf16; the exact sum is 2^-60
     acc = pl.Accumulator("exact", "bf16", (1,))
@@ -891,12 +907,23 @@ def test_input_overflow_counts_as_nonfinite_input() -> None:
     assert (acc.nonfinite_inputs, acc.nonfinite) == (1, 1)
 
 
-@pytest.mark.parametrize(("strategy", "fmt", "nominal", "storage"), [
-    ("naive", "bf16", 2.0, 2), ("kahan", "bf16", 4.0, 4), ("naive", "fp32", 4.0, 4),
-    ("naive", "fp8_e4m3", 1.0, 4), ("naive", "fp8_e5m2", 1.0, 4), ("kahan", "fp8_e4m3", 2.0, 8),
-    ("stochastic", "bf16", 2.0, 2), ("naive", "tf32", 19 / 8, 4), ("naive", "e5m7", 13 / 8, 4),
-    ("exact", "bf16", 16.0, 16), ("exact", "fp8_e4m3", 16.0, 16), ("kahan", "fp64", 16.0, 16),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("strategy", "fmt", "nominal", "storage"),
+    [
+        ("naive", "bf16", 2.0, 2),
+        ("kahan", "bf16", 4.0, 4),
+        ("naive", "fp32", 4.0, 4),
+        ("naive", "fp8_e4m3", 1.0, 4),
+        ("naive", "fp8_e5m2", 1.0, 4),
+        ("kahan", "fp8_e4m3", 2.0, 8),
+        ("stochastic", "bf16", 2.0, 2),
+        ("naive", "tf32", 19 / 8, 4),
+        ("naive", "e5m7", 13 / 8, 4),
+        ("exact", "bf16", 16.0, 16),
+        ("exact", "fp8_e4m3", 16.0, 16),
+        ("kahan", "fp64", 16.0, 16),
+    ],
+)
 def test_bytes_per_element(strategy: str, fmt: str, nominal: float, storage: int) -> None:
     acc = pl.Accumulator(strategy, fmt, (3,))
     acc.add(torch.ones(3))

@@ -70,8 +70,9 @@ def unit_roundoff(fmt: str) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def format_values(rng: np.random.Generator, fmt: str, shape: tuple[int, int], exponents: np.ndarray,
-                  signs: np.ndarray) -> np.ndarray:  # fmt: skip
+def format_values(
+    rng: np.random.Generator, fmt: str, shape: tuple[int, int], exponents: np.ndarray, signs: np.ndarray
+) -> np.ndarray:
     """Numbers of ``fmt``: a random p-bit significand at each exponent (subnormal below emin), exactly."""
     p, emin, emax = LAYOUT[fmt]
     e = np.clip(exponents, emin - p + 1, emax)
@@ -82,8 +83,17 @@ def format_values(rng: np.random.Generator, fmt: str, shape: tuple[int, int], ex
     return signs * np.minimum(x, top)
 
 
-def regime_stream(fmt: str, n: int, width: int, seed: int, *, center: int = 0, spread: int = 0,
-                  kind: str = "adversarial", e_top: int | None = None) -> np.ndarray:  # fmt: skip
+def regime_stream(
+    fmt: str,
+    n: int,
+    width: int,
+    seed: int,
+    *,
+    center: int = 0,
+    spread: int = 0,
+    kind: str = "adversarial",
+    e_top: int | None = None,
+) -> np.ndarray:
     """An (n, width) array of format numbers for one regime, exponents capped at ``e_top``.
 
     kinds: "positive"/"mixed" (exponents center +- spread), "big-first" (the first addend 2^(p+2)
@@ -189,13 +199,19 @@ _KINDS = ("positive", "mixed", "big-first", "constant", "adversarial")
 @pytest.mark.parametrize("strategy", list(BOUNDS))
 @pytest.mark.parametrize("fmt", FORMATS)
 @settings(max_examples=max(5, settings.default.max_examples // 10))
-@given(n_frac=st.floats(0, 1), center_frac=st.floats(0, 1), spread=st.sampled_from([0, 1, 3, 10, 30]),
-       kind=st.sampled_from(_KINDS), seed=st.integers(0, 2**32 - 1))  # fmt: skip
+@given(
+    n_frac=st.floats(0, 1),
+    center_frac=st.floats(0, 1),
+    spread=st.sampled_from([0, 1, 3, 10, 30]),
+    kind=st.sampled_from(_KINDS),
+    seed=st.integers(0, 2**32 - 1),
+)
 @example(n_frac=1.0, center_frac=0.5, spread=0, kind="adversarial", seed=0)  # the worst case, longest n
 @example(n_frac=1.0, center_frac=0.5, spread=0, kind="constant", seed=0)  # stagnation
 @example(n_frac=0.5, center_frac=0.0, spread=3, kind="mixed", seed=1)  # in the subnormals
-def test_error_within_worst_case_bound(fmt: str, strategy: str, n_frac: float, center_frac: float, spread: int,
-                                       kind: str, seed: int) -> None:  # fmt: skip
+def test_error_within_worst_case_bound(
+    fmt: str, strategy: str, n_frac: float, center_frac: float, spread: int, kind: str, seed: int
+) -> None:
     """|value() - sum| <= bound for 16 columns of one regime; n up to the bound's validity (cap 300)."""
     p, emin, _ = LAYOUT[fmt]
     n = 1 + round(n_frac * (min(300, max_valid_n(strategy, fmt)) - 1))
@@ -273,8 +289,9 @@ def binomial_consistent(successes: int, trials: int, probability: float) -> bool
     return stats.binomtest(successes, trials, probability, alternative="less").pvalue >= ALPHA
 
 
-def within_fraction(strategy: str, fmt: str, x: np.ndarray, bound_fn: object, lam: float,
-                    seed: int = 0) -> tuple[int, int]:  # fmt: skip
+def within_fraction(
+    strategy: str, fmt: str, x: np.ndarray, bound_fn: object, lam: float, seed: int = 0
+) -> tuple[int, int]:
     """(trials within the probabilistic bound, trials): one column is one trial."""
     n = x.shape[0]
     acc = run(strategy, fmt, x, seed=seed)
@@ -298,9 +315,16 @@ def _adversarial_control(fmt: str, n: int, width: int) -> np.ndarray:
     return regime_stream(fmt, n, width, 0)
 
 
-@pytest.mark.parametrize(("fmt", "n", "signed"), [
-    ("bf16", 64, False), ("bf16", 256, True), ("fp16", 1024, False), ("fp8_e4m3", 16, True),
-], ids=["bf16-n64-uniform01", "bf16-n256-uniform11", "fp16-n1024-uniform01", "fp8_e4m3-n16-uniform11"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("fmt", "n", "signed"),
+    [
+        ("bf16", 64, False),
+        ("bf16", 256, True),
+        ("fp16", 1024, False),
+        ("fp8_e4m3", 16, True),
+    ],
+    ids=["bf16-n64-uniform01", "bf16-n256-uniform11", "fp16-n1024-uniform01", "fp8_e4m3-n16-uniform11"],
+)
 def test_higham_mary_bound_holds_for_random_data(fmt: str, n: int, signed: bool) -> None:
     """RN with random data: within gamma~_{n-1}(lam) sum|x| in at least Q(lam, n) = 0.9 of the trials.
 
@@ -326,10 +350,16 @@ def test_higham_mary_negative_control() -> None:
     assert not binomial_consistent(ok, m, theory.probabilistic_bound_probability(n, u, lam))
 
 
-@pytest.mark.parametrize(("fmt", "n", "data"), [
-    ("bf16", 256, "uniform01"), ("fp16", 1024, "uniform11"), ("fp16", 2048, "adversarial"),
-    ("fp8_e4m3", 16, "uniform01"), ("e5m7", 256, "uniform01"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("fmt", "n", "data"),
+    [
+        ("bf16", 256, "uniform01"),
+        ("fp16", 1024, "uniform11"),
+        ("fp16", 2048, "adversarial"),
+        ("fp8_e4m3", 16, "uniform01"),
+        ("e5m7", 256, "uniform01"),
+    ],
+)
 def test_stochastic_rounding_bound_holds(fmt: str, n: int, data: str) -> None:
     """SR: within gamma~_{n-1}(lam; 2u) sum|x| in at least Q = 0.9 of the trials (a theorem, [CHM21]).
 

@@ -27,9 +27,19 @@ def _eq_rows() -> list[dict[str, str]]:
         ("C7", "variable-length text", "mean of per-micro-batch token means vs large batch", "differs", 1.2e-2),
         ("C7", "variable-length text", "sum / global token count vs large batch", "equal", 1.3e-15),
     ]
-    return [{"claim": c, "case": case, "comparison": comp, "n_accum": "8", "predicted": pred,
-             "rel_difference": repr(d), "bit_identical": "1" if d == 0 else "0", "as_predicted": "1"}
-            for c, case, comp, pred, d in spec]  # fmt: skip
+    return [
+        {
+            "claim": c,
+            "case": case,
+            "comparison": comp,
+            "n_accum": "8",
+            "predicted": pred,
+            "rel_difference": repr(d),
+            "bit_identical": "1" if d == 0 else "0",
+            "as_predicted": "1",
+        }
+        for c, case, comp, pred, d in spec
+    ]
 
 
 def _mg_rows(naive_err: dict[int, float], naive_ratio: dict[int, float], compute: str = "fp32") -> list[dict[str, str]]:
@@ -42,11 +52,22 @@ def _mg_rows(naive_err: dict[int, float], naive_ratio: dict[int, float], compute
                     bad = (fmt, strategy) == ("bf16", "naive")
                     err = naive_err[n] if bad else (1e-7 if fmt == "fp32" else 1e-3)
                     ratio = naive_ratio[n] if bad else 1.0
-                    rows.append({"workload": "mlp", "compute_format": compute, "regime": "fixed_effective",
-                                 "quantisation_floor": "1.7e-3" if fmt == "bf16" else "1e-4",
-                                 "scaling": "post", "buffer_format": fmt, "strategy": strategy, "n_accum": str(n),
-                                 "trial": str(trial), "rel_l2_error": repr(err), "norm_ratio": repr(ratio),
-                                 "projection_bias": repr(ratio - 1.0)})  # fmt: skip
+                    rows.append(
+                        {
+                            "workload": "mlp",
+                            "compute_format": compute,
+                            "regime": "fixed_effective",
+                            "quantisation_floor": "1.7e-3" if fmt == "bf16" else "1e-4",
+                            "scaling": "post",
+                            "buffer_format": fmt,
+                            "strategy": strategy,
+                            "n_accum": str(n),
+                            "trial": str(trial),
+                            "rel_l2_error": repr(err),
+                            "norm_ratio": repr(ratio),
+                            "projection_bias": repr(ratio - 1.0),
+                        }
+                    )
     return rows
 
 
@@ -69,8 +90,11 @@ def test_equivalence_verdicts_follow_the_numbers() -> None:
     rows = _eq_rows()
     v = _by_claim({"equivalence": rows})
     assert (v["C1"].verdict, v["C2"].verdict, v["C3"].verdict) == (claims.CONDITIONAL, claims.HOLDS, claims.FAILS)
-    assert (v["C4"].verdict, v["C6"].verdict, v["C7"].verdict) == (claims.CONDITIONAL, claims.CONDITIONAL,
-                                                                   claims.CONDITIONAL)  # fmt: skip
+    assert (v["C4"].verdict, v["C6"].verdict, v["C7"].verdict) == (
+        claims.CONDITIONAL,
+        claims.CONDITIONAL,
+        claims.CONDITIONAL,
+    )
     # Negative controls: break one number and the verdict must change.
     broken = copy.deepcopy(rows)
     broken[0]["rel_difference"] = "1e-6"  # accumulation no longer equals the large batch in fp64
@@ -122,16 +146,37 @@ def test_c10_verdict_compares_with_fp32() -> None:
 
 
 def test_c8_and_c9_from_their_experiments() -> None:
-    overhead = [{"workload": "mlp", "mode": "pytorch", "n_accum": str(n), "micro_batch": str(1024 // n),
-                 "effective_batch": "1024", "device": "cpu", "threads": "1", "time_ratio": repr(t), "peak_bytes": repr(p),
-                 "time_vs_pytorch": "1.0"}
-                for n, t, p in ((1, 1.0, 8e6), (4, 1.05, 3e6), (256, 3.0, 1e6))]  # fmt: skip
+    overhead = [
+        {
+            "workload": "mlp",
+            "mode": "pytorch",
+            "n_accum": str(n),
+            "micro_batch": str(1024 // n),
+            "effective_batch": "1024",
+            "device": "cpu",
+            "threads": "1",
+            "time_ratio": repr(t),
+            "peak_bytes": repr(p),
+            "time_vs_pytorch": "1.0",
+        }
+        for n, t, p in ((1, 1.0, 8e6), (4, 1.05, 3e6), (256, 3.0, 1e6))
+    ]
     assert _by_claim({"overhead": overhead})["C8"].verdict == claims.CONDITIONAL
     overhead[-1]["peak_bytes"] = "9e6"  # memory no longer saved
     assert _by_claim({"overhead": overhead})["C8"].verdict == claims.FAILS
-    ddp = [{"model_format": m, "allreduce_format": "native", "mode": mode, "n_accum": "16", "world_size": "2",
-            "allreduces": "1" if mode == "no_sync" else "16", "rel_l2_error": "4e-16"}
-           for m in ("fp64", "fp32") for mode in ("no_sync", "every_step")]  # fmt: skip
+    ddp = [
+        {
+            "model_format": m,
+            "allreduce_format": "native",
+            "mode": mode,
+            "n_accum": "16",
+            "world_size": "2",
+            "allreduces": "1" if mode == "no_sync" else "16",
+            "rel_l2_error": "4e-16",
+        }
+        for m in ("fp64", "fp32")
+        for mode in ("no_sync", "every_step")
+    ]
     assert _by_claim({"ddp": ddp})["C9"].verdict == claims.HOLDS
     ddp[0]["allreduces"] = "16"  # no_sync that still synchronises every micro-step
     assert _by_claim({"ddp": ddp})["C9"].verdict == claims.FAILS

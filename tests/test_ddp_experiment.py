@@ -52,7 +52,9 @@ def test_gradient_accumulator_under_ddp(rows: list[dict[str, str]]) -> None:
         if r["mode"] == "no_sync, GradientAccumulator naive":
             p = plain[tuple(r[k] for k in key)]
             assert (r["rel_l2_error"], r["max_abs_diff_vs_single_process"]) == (
-                p["rel_l2_error"], p["max_abs_diff_vs_single_process"])  # fmt: skip
+                p["rel_l2_error"],
+                p["max_abs_diff_vs_single_process"],
+            )
         if r["mode"] == "no_sync, GradientAccumulator bf16 kahan" and r["allreduce_format"] == "native":
             # micro-gradients rounded to bf16 on entry: an error of the order of bf16's u = 2^-8
             assert 2.0**-16 < float(r["rel_l2_error"]) < 2.0**-6, r

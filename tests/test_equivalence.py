@@ -221,14 +221,16 @@ def lr_div_n_equivalent(spec: OptimizerSpec, n: int) -> OptimizerSpec:
 
     lr/N steps (lr/N) u(N g + wd p; eps) = (lr/N) u(g + (wd/N) p; eps/N); AdamW's decay is (lr/N) wd.
     """
-    return spec.replace(lr=spec.lr / n, eps=spec.eps / n,
-                        weight_decay=spec.weight_decay / (n if spec.name == "adam" else 1))  # fmt: skip
+    return spec.replace(
+        lr=spec.lr / n, eps=spec.eps / n, weight_decay=spec.weight_decay / (n if spec.name == "adam" else 1)
+    )
 
 
 @settings(max_examples=max(10, EXAMPLES // 2), deadline=None)
 @given(widths=hidden, n=st.sampled_from([1, 2, 4, 8]), b=micro, seed=seeds, opt=st.sampled_from(sorted(ADAMS)))
-def test_adam_scale_relations_are_bit_exact_for_powers_of_two(widths: list[int], n: int, b: int, seed: int,
-                                                              opt: str) -> None:  # fmt: skip
+def test_adam_scale_relations_are_bit_exact_for_powers_of_two(
+    widths: list[int], n: int, b: int, seed: int, opt: str
+) -> None:
     """With N = 2^k every scaling is exact: m scales by c, v by c^2, sqrt(v) + eps by c (with eps c)."""
     model = mlp([5, *widths, 3], seed)
     bs = batches(STEPS, n * b, seed)
@@ -310,8 +312,7 @@ def token_batches(n: int, b: int, t: int, seed: int, *, equal_counts: bool) -> l
 
 
 @FAST
-@given(width=st.integers(1, 16), n=accum, b=st.integers(1, 3), t=st.integers(1, 6), seed=seeds,
-       equal=st.booleans())  # fmt: skip
+@given(width=st.integers(1, 16), n=accum, b=st.integers(1, 3), t=st.integers(1, 6), seed=seeds, equal=st.booleans())
 def test_global_token_mean_is_the_large_batch(width: int, n: int, b: int, t: int, seed: int, equal: bool) -> None:
     model = token_model(width, seed)
     micro_bs = token_batches(n, b, t, seed, equal_counts=equal)
@@ -365,10 +366,16 @@ def test_zero_grad_every_step_keeps_only_the_last_micro_batch(widths: list[int],
 
 # -- 7. layers that mix samples break the identity; per-sample layers keep it ----------------------
 @FAST
-@given(widths=hidden, n=st.integers(2, 8), b=st.integers(2, 8), seed=seeds,
-       norm=st.sampled_from(["batch", "batch-eval", "layer", "group"]))  # fmt: skip
-def test_batchnorm_breaks_the_identity_per_sample_norms_keep_it(widths: list[int], n: int, b: int, seed: int,
-                                                                norm: str) -> None:  # fmt: skip
+@given(
+    widths=hidden,
+    n=st.integers(2, 8),
+    b=st.integers(2, 8),
+    seed=seeds,
+    norm=st.sampled_from(["batch", "batch-eval", "layer", "group"]),
+)
+def test_batchnorm_breaks_the_identity_per_sample_norms_keep_it(
+    widths: list[int], n: int, b: int, seed: int, norm: str
+) -> None:
     model = mlp([5, *widths, 3], seed, norm=norm.removesuffix("-eval"))
     if norm == "batch-eval":
         model.eval()  # running statistics (0, 1 here): a fixed per-feature affine map

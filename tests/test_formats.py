@@ -85,8 +85,16 @@ def decode(pattern: int, ebits: int, mbits: int, encoding: str) -> float:
 
 
 def _constants(f: Format) -> tuple:
-    return (f.bits, f.exponent_bits, f.mantissa_bits, f.precision, f.unit_roundoff, f.max, f.smallest_normal,
-            f.smallest_subnormal)  # fmt: skip
+    return (
+        f.bits,
+        f.exponent_bits,
+        f.mantissa_bits,
+        f.precision,
+        f.unit_roundoff,
+        f.max,
+        f.smallest_normal,
+        f.smallest_subnormal,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,10 +155,21 @@ def test_constants_agree_with_enumeration_of_every_bit_pattern(name):
 
 @pytest.mark.parametrize(
     ("alias", "name"),
-    [("float64", "fp64"), ("double", "fp64"), ("float32", "fp32"), ("float", "fp32"), ("bfloat16", "bf16"),
-     ("float16", "fp16"), ("half", "fp16"), ("float8_e4m3fn", "fp8_e4m3"), ("e4m3fn", "fp8_e4m3"),
-     ("float8_e5m2", "fp8_e5m2"), ("BF16", "bf16"), (" fp16 ", "fp16")],
-)  # fmt: skip
+    [
+        ("float64", "fp64"),
+        ("double", "fp64"),
+        ("float32", "fp32"),
+        ("float", "fp32"),
+        ("bfloat16", "bf16"),
+        ("float16", "fp16"),
+        ("half", "fp16"),
+        ("float8_e4m3fn", "fp8_e4m3"),
+        ("e4m3fn", "fp8_e4m3"),
+        ("float8_e5m2", "fp8_e5m2"),
+        ("BF16", "bf16"),
+        (" fp16 ", "fp16"),
+    ],
+)
 def test_aliases(alias, name):
     assert get_format(alias) is get_format(name)
 
@@ -246,8 +265,11 @@ def test_ftz_variant(name):
     assert ftz.name == name + "_ftz"
     assert not ftz.subnormals
     assert ftz.torch_dtype is None  # no torch dtype flushes subnormals
-    assert (ftz.exponent_bits, ftz.mantissa_bits, ftz.encoding) == (base.exponent_bits, base.mantissa_bits,
-                                                                     base.encoding)  # fmt: skip
+    assert (ftz.exponent_bits, ftz.mantissa_bits, ftz.encoding) == (
+        base.exponent_bits,
+        base.mantissa_bits,
+        base.encoding,
+    )
     # constants of the layout are unchanged; the smallest value rounding can produce is the normal one
     assert _constants(ftz) == _constants(base)
     assert ftz.min_positive == base.smallest_normal
@@ -317,9 +339,14 @@ def test_ulp_of_non_finite_raises(bad):
 
 @pytest.mark.parametrize(
     ("name", "np_dtype", "bits"),
-    [("fp16", np.float16, 16), ("bf16", ml_dtypes.bfloat16, 16), ("fp8_e4m3", ml_dtypes.float8_e4m3fn, 8),
-     ("fp8_e5m2", ml_dtypes.float8_e5m2, 8), ("fp32", np.float32, 32)],
-)  # fmt: skip
+    [
+        ("fp16", np.float16, 16),
+        ("bf16", ml_dtypes.bfloat16, 16),
+        ("fp8_e4m3", ml_dtypes.float8_e4m3fn, 8),
+        ("fp8_e5m2", ml_dtypes.float8_e5m2, 8),
+        ("fp32", np.float32, 32),
+    ],
+)
 @given(data=st.data())
 def test_ulp_is_the_gap_to_the_next_number(name, np_dtype, bits, data):
     """For every positive representable x below max, ulp(x) = nextafter(x, +inf) - x (exact)."""
@@ -372,12 +399,14 @@ def test_unknown_torch_dtype_raises(dtype):
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
-    [({"exponent_bits": 1, "mantissa_bits": 3}, "exponent_bits=1"),
-     ({"exponent_bits": 12, "mantissa_bits": 3}, "exponent_bits=12"),
-     ({"exponent_bits": 5, "mantissa_bits": 0}, "mantissa_bits=0"),
-     ({"exponent_bits": 5, "mantissa_bits": 53}, "mantissa_bits=53"),
-     ({"exponent_bits": 5, "mantissa_bits": 2, "encoding": "fnuz"}, "encoding='fnuz'")],
-)  # fmt: skip
+    [
+        ({"exponent_bits": 1, "mantissa_bits": 3}, "exponent_bits=1"),
+        ({"exponent_bits": 12, "mantissa_bits": 3}, "exponent_bits=12"),
+        ({"exponent_bits": 5, "mantissa_bits": 0}, "mantissa_bits=0"),
+        ({"exponent_bits": 5, "mantissa_bits": 53}, "mantissa_bits=53"),
+        ({"exponent_bits": 5, "mantissa_bits": 2, "encoding": "fnuz"}, "encoding='fnuz'"),
+    ],
+)
 def test_format_constructor_validates(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         Format("bad", **kwargs)

@@ -154,8 +154,10 @@ def test_static_loss_scale_multiplies_the_gradient() -> None:
     model = mlp([8, 16, 4], 9)
     x, y = data(32, 8, 4, 10)
     eng = GradientEngine(model, F.cross_entropy, "fp32")
-    assert torch.equal(torch.cat(list(eng.micro_gradients(x, y, 4, loss_scale=1024.0))),
-                       torch.cat(list(eng.micro_gradients(x, y, 4))) * 1024)  # fmt: skip
+    assert torch.equal(
+        torch.cat(list(eng.micro_gradients(x, y, 4, loss_scale=1024.0))),
+        torch.cat(list(eng.micro_gradients(x, y, 4))) * 1024,
+    )
 
 
 def test_engine_leaves_the_model_alone_and_flattens_in_parameter_order() -> None:

@@ -13,21 +13,62 @@ from experiments import memory_pareto as mp
 from precision_lab.accumulators import Accumulator
 from precision_lab.results import read_csv
 
-ISSUE_COLUMNS = ("experiment", "workload", "compute_format", "buffer_format", "strategy", "n_accum", "micro_batch",
-                 "effective_batch", "trial", "seed", "bytes_per_param", "rel_l2_error", "norm_ratio",
-                 "projection_bias", "lost_update_fraction", "quantisation_floor")  # fmt: skip
-METRICS = ("rel_l2_error", "norm_ratio", "projection_bias", "cosine", "max_ulp_error", "lost_update_fraction",
-           "quantisation_floor", "input_floor")  # fmt: skip
-TINY_BUFFERS = (("fp32", "naive"), ("fp32", "kahan"), ("bf16", "naive"), ("bf16", "kahan"), ("bf16", "stochastic"),
-                ("bf16", "pairwise"), ("fp16", "naive"), ("fp16", "kahan"), ("e5m10", "naive"), ("e5m10", "kahan"),
-                ("fp8_e4m3", "naive"))  # fmt: skip
+ISSUE_COLUMNS = (
+    "experiment",
+    "workload",
+    "compute_format",
+    "buffer_format",
+    "strategy",
+    "n_accum",
+    "micro_batch",
+    "effective_batch",
+    "trial",
+    "seed",
+    "bytes_per_param",
+    "rel_l2_error",
+    "norm_ratio",
+    "projection_bias",
+    "lost_update_fraction",
+    "quantisation_floor",
+)
+METRICS = (
+    "rel_l2_error",
+    "norm_ratio",
+    "projection_bias",
+    "cosine",
+    "max_ulp_error",
+    "lost_update_fraction",
+    "quantisation_floor",
+    "input_floor",
+)
+TINY_BUFFERS = (
+    ("fp32", "naive"),
+    ("fp32", "kahan"),
+    ("bf16", "naive"),
+    ("bf16", "kahan"),
+    ("bf16", "stochastic"),
+    ("bf16", "pairwise"),
+    ("fp16", "naive"),
+    ("fp16", "kahan"),
+    ("e5m10", "naive"),
+    ("e5m10", "kahan"),
+    ("fp8_e4m3", "naive"),
+)
 
 
 def tiny(**kw) -> mp.Config:
     # E = 256 digits down to micro-batches of one sample: the largest N = 256 is where naive bf16 rounding
     # has piled up (see test_bf16_kahan_beats_bf16_naive_at_the_largest_n)
-    base = {"workloads": ("mlp",), "effective_batch": (256,), "n_accum": ((16, 256),), "size": "quick",
-            "buffers": TINY_BUFFERS, "trials": 2, "warmup_steps": 0, "chunk_size": 64}  # fmt: skip
+    base = {
+        "workloads": ("mlp",),
+        "effective_batch": (256,),
+        "n_accum": ((16, 256),),
+        "size": "quick",
+        "buffers": TINY_BUFFERS,
+        "trials": 2,
+        "warmup_steps": 0,
+        "chunk_size": 64,
+    }
     return mp.Config(**{**base, **kw})
 
 
@@ -98,8 +139,10 @@ def test_emulated_bytes_per_param(fmt: str, strategy: str, n: int, expected: int
     assert Accumulator(strategy, fmt, (3,)).dtype.itemsize * mp.buffer_arrays(strategy, n) == expected
 
 
-@pytest.mark.parametrize(("fmt", "strategy"), list(itertools.product(("fp64", "fp32", "bf16", "fp16", "fp8_e4m3"),
-                                                                     ("naive", "kahan", "stochastic", "exact"))))  # fmt: skip
+@pytest.mark.parametrize(
+    ("fmt", "strategy"),
+    list(itertools.product(("fp64", "fp32", "bf16", "fp16", "fp8_e4m3"), ("naive", "kahan", "stochastic", "exact"))),
+)
 def test_native_formats_agree_with_the_accumulators_own_count(fmt: str, strategy: str) -> None:
     acc = Accumulator(strategy, fmt, (3,))
     assert mp.bytes_per_param(fmt, strategy, 7) == acc.bytes_per_element
@@ -245,10 +288,16 @@ def test_bf16_kahan_beats_bf16_naive_at_the_largest_n(tiny_run: Path) -> None:
     """
     rows = read_csv(tiny_run)
     for trial in ("0", "1"):
-        err = {r["strategy"]: float(r["rel_l2_error"]) for r in rows
-               if (r["buffer_format"], r["n_accum"], r["trial"]) == ("bf16", "256", trial)}  # fmt: skip
-        floor = next(float(r["input_floor"]) for r in rows
-                     if (r["buffer_format"], r["n_accum"], r["trial"]) == ("bf16", "256", trial))  # fmt: skip
+        err = {
+            r["strategy"]: float(r["rel_l2_error"])
+            for r in rows
+            if (r["buffer_format"], r["n_accum"], r["trial"]) == ("bf16", "256", trial)
+        }
+        floor = next(
+            float(r["input_floor"])
+            for r in rows
+            if (r["buffer_format"], r["n_accum"], r["trial"]) == ("bf16", "256", trial)
+        )
         assert err["kahan"] < err["naive"] / 4, err
         assert floor / 2 < err["kahan"] < 2 * floor, (err, floor)
 
@@ -317,8 +366,10 @@ def test_quick_config_end_to_end(tmp_path: Path) -> None:
     table = mp.summarise(rows)
     assert set(table) == {("mlp", 16), ("mlp", 256), ("transformer", 4), ("transformer", 32)}
     for w, small, large in (("mlp", 16, 256), ("transformer", 4, 32)):
-        pw = {n: next(e["bytes"] for e in table[(w, n)] if (e["buffer_format"], e["strategy"]) == ("bf16", "pairwise"))
-              for n in (small, large)}  # fmt: skip
+        pw = {
+            n: next(e["bytes"] for e in table[(w, n)] if (e["buffer_format"], e["strategy"]) == ("bf16", "pairwise"))
+            for n in (small, large)
+        }
         assert pw[large] > pw[small]
         assert any(e["on_front"] and e["buffer_format"] == "fp32" for e in table[(w, large)])
     assert mp.plot(tmp_path, tmp_path / "fig")[0].exists()

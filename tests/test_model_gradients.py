@@ -11,15 +11,39 @@ from experiments import model_gradients as mg
 from precision_lab import cli
 from precision_lab.results import read_csv
 
-ISSUE_COLUMNS = ("experiment", "workload", "compute_format", "buffer_format", "strategy", "scaling", "n_accum",
-                 "micro_batch", "trial", "seed", "rel_l2_error", "norm_ratio", "projection_bias", "cosine",
-                 "max_ulp_error", "lost_update_fraction", "nonfinite")  # fmt: skip
+ISSUE_COLUMNS = (
+    "experiment",
+    "workload",
+    "compute_format",
+    "buffer_format",
+    "strategy",
+    "scaling",
+    "n_accum",
+    "micro_batch",
+    "trial",
+    "seed",
+    "rel_l2_error",
+    "norm_ratio",
+    "projection_bias",
+    "cosine",
+    "max_ulp_error",
+    "lost_update_fraction",
+    "nonfinite",
+)
 
 
 def tiny(**kw) -> mg.Config:
-    base = {"workloads": ("mlp",), "effective_batch": (16,), "size": "quick", "compute_formats": ("fp32", "bf16"),
-            "buffer_formats": ("bf16",), "strategies": ("naive", "kahan", "stochastic"), "trials": 2,
-            "warmup_steps": 0, "chunk_size": 4}  # fmt: skip
+    base = {
+        "workloads": ("mlp",),
+        "effective_batch": (16,),
+        "size": "quick",
+        "compute_formats": ("fp32", "bf16"),
+        "buffer_formats": ("bf16",),
+        "strategies": ("naive", "kahan", "stochastic"),
+        "trials": 2,
+        "warmup_steps": 0,
+        "chunk_size": 4,
+    }
     return mg.Config(**{**base, **kw})
 
 
@@ -68,8 +92,15 @@ def test_pre_equals_post_for_deterministic_buffers(tiny_run: Path) -> None:
 
 
 def test_fp64_compute_reproduces_the_large_batch_gradient_and_batchnorm_does_not(tmp_path: Path) -> None:
-    cfg = tiny(workloads=("mlp", "cnn"), effective_batch=(16, 16), compute_formats=("fp64",),
-               buffer_formats=(), strategies=(), trials=1, scalings=("post",))  # fmt: skip
+    cfg = tiny(
+        workloads=("mlp", "cnn"),
+        effective_batch=(16, 16),
+        compute_formats=("fp64",),
+        buffer_formats=(),
+        strategies=(),
+        trials=1,
+        scalings=("post",),
+    )
     rows = read_csv(mg.run(cfg, tmp_path, seed=0, progress=False))
     for r in rows:
         err = float(r["rel_l2_error"])

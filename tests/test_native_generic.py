@@ -24,9 +24,24 @@ from precision_lab.rounding import _generic  # noqa: E402
 
 FORMATS = {
     name: get_format(name)
-    for name in ("fp32", "tf32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "e5m7", "e3m2", "e11m10", "e8m23_ftz",
-                 "fp16_ftz", "fp8_e4m3_ftz", "e2m1", "fp64", "e11m52_ftz")
-}  # fmt: skip
+    for name in (
+        "fp32",
+        "tf32",
+        "bf16",
+        "fp16",
+        "fp8_e4m3",
+        "fp8_e5m2",
+        "e5m7",
+        "e3m2",
+        "e11m10",
+        "e8m23_ftz",
+        "fp16_ftz",
+        "fp8_e4m3_ftz",
+        "e2m1",
+        "fp64",
+        "e11m52_ftz",
+    )
+}
 # An "fn" layout whose max is 2**128: fp32's max rounds to it, which is no overflow but Inf in fp32.
 FORMATS["e8m1fn"] = Format("e8m1fn", 8, 1, encoding="fn")
 MODES = [("nearest", None), ("zero", None), ("stochastic", None), ("stochastic", 8), ("stochastic", 1)]
@@ -74,12 +89,49 @@ def edge_values(f: Format, dtype: torch.dtype) -> torch.Tensor:
     fi = torch.finfo(dtype)
     qs, sn, top = f.smallest_subnormal, f.smallest_normal, f.ulp(f.max)
     base = [
-        0.0, 1.0, 1.5, 3.0, 1.0 + f.eps / 2, 1.0 + 1.5 * f.eps, 2.0 - f.eps / 4, 0.1,
-        fi.smallest_normal, fi.tiny * fi.eps, fi.max, 2.0**-1074, 2.0**-149, 2.0**-140, 2.0**-126,
-        f.max, f.max + top / 2, f.max + top, f.max - top / 2, f.max * 4, 2.0**f.emax, 2.0 ** min(f.emax + 1, 1023),
-        sn, sn / 2, sn - qs / 2, sn - qs, sn + qs / 2, qs, qs / 2, 1.5 * qs, 2.5 * qs, qs / 4, 0.75 * qs, qs * 2.0**-30,
-        1e30, 1e300, 3.4028235677973366e38, 2.0**127 * 1.9999999, 65520.0, 464.0, 57344.0, 61440.0,
-    ]  # fmt: skip
+        0.0,
+        1.0,
+        1.5,
+        3.0,
+        1.0 + f.eps / 2,
+        1.0 + 1.5 * f.eps,
+        2.0 - f.eps / 4,
+        0.1,
+        fi.smallest_normal,
+        fi.tiny * fi.eps,
+        fi.max,
+        2.0**-1074,
+        2.0**-149,
+        2.0**-140,
+        2.0**-126,
+        f.max,
+        f.max + top / 2,
+        f.max + top,
+        f.max - top / 2,
+        f.max * 4,
+        2.0**f.emax,
+        2.0 ** min(f.emax + 1, 1023),
+        sn,
+        sn / 2,
+        sn - qs / 2,
+        sn - qs,
+        sn + qs / 2,
+        qs,
+        qs / 2,
+        1.5 * qs,
+        2.5 * qs,
+        qs / 4,
+        0.75 * qs,
+        qs * 2.0**-30,
+        1e30,
+        1e300,
+        3.4028235677973366e38,
+        2.0**127 * 1.9999999,
+        65520.0,
+        464.0,
+        57344.0,
+        61440.0,
+    ]
     t = torch.tensor([v for v in base if math.isfinite(v)], dtype=torch.float64).to(dtype)
     t = torch.cat([t, torch.nextafter(t, torch.full_like(t, math.inf)), torch.nextafter(t, torch.zeros_like(t))])
     t = torch.cat([t, -t, torch.tensor([math.inf, -math.inf], dtype=dtype)])
@@ -147,8 +199,9 @@ def test_matches_generic_large(dtype: torch.dtype, key: int, saturate: bool) -> 
 @example(words=[0x7F7FFFFF], fp32=True, fname="e8m1fn", mode=("nearest", None), saturate=True, key=0)
 @example(words=[0x0000000000000001], fp32=False, fname="e2m1", mode=("stochastic", None), saturate=False, key=7)
 @example(words=[0x7FEFFFFFFFFFFFFF], fp32=False, fname="e11m10", mode=("nearest", None), saturate=False, key=0)
-def test_hypothesis_bit_patterns(words: list[int], fp32: bool, fname: str, mode: tuple[str, int | None],
-                                 saturate: bool, key: int) -> None:  # fmt: skip
+def test_hypothesis_bit_patterns(
+    words: list[int], fp32: bool, fname: str, mode: tuple[str, int | None], saturate: bool, key: int
+) -> None:
     if fp32:
         x = torch.from_numpy(np.array([w & 0xFFFFFFFF for w in words], dtype=np.uint32).view(np.float32))
     else:
@@ -332,5 +385,6 @@ def test_rejects_bad_arguments(x: torch.Tensor, out: torch.Tensor, kwargs: dict,
 def test_rejects_partial_overlap() -> None:
     buf = torch.zeros(8)
     with pytest.raises(ValueError, match="overlaps"):
-        _native_generic.round_into(buf[:4], buf[2:6], get_format("fp16"), "nearest", saturate=False, key=0,
-                                   random_bits=None)  # fmt: skip
+        _native_generic.round_into(
+            buf[:4], buf[2:6], get_format("fp16"), "nearest", saturate=False, key=0, random_bits=None
+        )

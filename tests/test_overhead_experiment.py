@@ -21,8 +21,15 @@ from precision_lab.results import read_csv
 from precision_lab.workloads import make_workload
 
 _NATIVE_ENV = os.environ.get("PRECISION_LAB_NATIVE")  # as the session started, before any run
-TINY = overhead.Config(workloads=("mlp", "transformer"), effective_batch=(16, 4), n_max=(16, 4), size="quick",
-                       warmup=0, repeats=1, rounds=2)  # fmt: skip
+TINY = overhead.Config(
+    workloads=("mlp", "transformer"),
+    effective_batch=(16, 4),
+    n_max=(16, 4),
+    size="quick",
+    warmup=0,
+    repeats=1,
+    rounds=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +51,13 @@ def _row(rows: list[dict[str, str]], workload: str, mode: str, n: int) -> dict[s
 def test_complete_grid_and_columns(result: Path) -> None:
     rows = _rows(result)
     assert list(rows[0]) == list(overhead.COLUMNS)
-    want = {(w, m, n) for w, e in zip(TINY.workloads, TINY.effective_batch, strict=True) for m in TINY.modes
-            for n in (1, 2, 4, 8, 16) if n <= e}  # fmt: skip
+    want = {
+        (w, m, n)
+        for w, e in zip(TINY.workloads, TINY.effective_batch, strict=True)
+        for m in TINY.modes
+        for n in (1, 2, 4, 8, 16)
+        if n <= e
+    }
     assert [(r["workload"], r["mode"], int(r["n_accum"])) for r in rows] == sorted(
         want, key=lambda k: (TINY.workloads.index(k[0]), TINY.modes.index(k[1]), k[2])
     )
@@ -242,8 +254,7 @@ def test_native_kernels_switch_restores_the_environment(monkeypatch: pytest.Monk
     ],
 )
 def test_bad_config_names_the_value(changes: dict, message: str) -> None:
-    config = overhead.Config(**{**{f: getattr(TINY, f) for f in ("workloads", "effective_batch", "n_max")},
-                                **changes})  # fmt: skip
+    config = overhead.Config(**{**{f: getattr(TINY, f) for f in ("workloads", "effective_batch", "n_max")}, **changes})
     with pytest.raises(ValueError, match=re.escape(message)):
         overhead.run(config, "unused", progress=False)
 
@@ -291,5 +302,9 @@ def test_cuda_allocator_and_tracker_agree(tmp_path: Path) -> None:
 
 
 def _rows_cpu_grid() -> list[tuple[str, str, int]]:
-    return [(w, m, n) for w, e in zip(TINY.workloads, TINY.effective_batch, strict=True) for m in TINY.modes
-            for n in TINY.n_values(e, e)]  # fmt: skip
+    return [
+        (w, m, n)
+        for w, e in zip(TINY.workloads, TINY.effective_batch, strict=True)
+        for m in TINY.modes
+        for n in TINY.n_values(e, e)
+    ]

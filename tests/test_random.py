@@ -36,13 +36,34 @@ def test_reference_matches_published_splitmix64_vectors():
     here the key is the seed and counter i-1.  Published first outputs for seeds 0 and 42.
     """
     assert [splitmix64_int(0, c) for c in range(4)] == [
-        0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F, 0xF88BB8A8724C81EC]  # fmt: skip
+        0xE220A8397B1DCDAF,
+        0x6E789E6AA1B965F4,
+        0x06C45D188009454F,
+        0xF88BB8A8724C81EC,
+    ]
     assert [splitmix64_int(42, c) for c in range(4)] == [
-        0xBDD732262FEB6E95, 0x28EFE333B266F103, 0x47526757130F9F52, 0x581CE1FF0E4AE394]  # fmt: skip
+        0xBDD732262FEB6E95,
+        0x28EFE333B266F103,
+        0x47526757130F9F52,
+        0x581CE1FF0E4AE394,
+    ]
 
 
-KEYS = [0, 1, 42, 0x1234_5678_9ABC_DEF0, 2**62, 2**63 - 1, 2**63, 2**63 + 12345, 2**64 - 1, 2**64 + 7, 2**70 + 3, -1,
-        -(2**63)]  # fmt: skip
+KEYS = [
+    0,
+    1,
+    42,
+    0x1234_5678_9ABC_DEF0,
+    2**62,
+    2**63 - 1,
+    2**63,
+    2**63 + 12345,
+    2**64 - 1,
+    2**64 + 7,
+    2**70 + 3,
+    -1,
+    -(2**63),
+]
 
 
 def _counters() -> list[int]:
@@ -327,10 +348,14 @@ def _streams_shared_key() -> list[np.ndarray]:
 
 @pytest.mark.parametrize(
     ("streams", "passes"),
-    [(_streams_from_generator_seeds, True), (_streams_from_consecutive_keys, True),
-     (_streams_additive_key, False), (_streams_shared_key, False)],
+    [
+        (_streams_from_generator_seeds, True),
+        (_streams_from_consecutive_keys, True),
+        (_streams_additive_key, False),
+        (_streams_shared_key, False),
+    ],
     ids=["generator-seeds", "consecutive-keys", "control-additive-key", "control-shared-key"],
-)  # fmt: skip
+)
 def test_streams_of_different_keys_are_independent(streams, passes):
     """Streams of different keys are independent.
 

@@ -86,8 +86,10 @@ def assert_bits_equal(actual, expected, inputs=None) -> None:
         lines = []
         for i in np.flatnonzero(bad.reshape(-1))[:8]:
             where = "" if xs is None else f"x={float(xs[i])!r} ({float(xs[i]).hex()}): "
-            lines.append(f"  {where}got {float(a.flat[i])!r} ({int(a.view(u).flat[i]):#x}), "
-                         f"want {float(e.flat[i])!r} ({int(e.view(u).flat[i]):#x})")  # fmt: skip
+            lines.append(
+                f"  {where}got {float(a.flat[i])!r} ({int(a.view(u).flat[i]):#x}), "
+                f"want {float(e.flat[i])!r} ({int(e.view(u).flat[i]):#x})"
+            )
         pytest.fail(f"{int(bad.sum())} of {a.size} elements differ:\n" + "\n".join(lines))
 
 
@@ -134,8 +136,16 @@ def _overflowed(x: float, encoding: str, saturate: bool, fmax: Fraction) -> floa
     return math.copysign(math.inf, x) if encoding == "ieee" else math.nan
 
 
-def ref_round(x: float, ebits: int, mbits: int, mode: str, encoding: str = "ieee", *, subnormals: bool = True,
-              saturate: bool = False) -> float:  # fmt: skip
+def ref_round(
+    x: float,
+    ebits: int,
+    mbits: int,
+    mode: str,
+    encoding: str = "ieee",
+    *,
+    subnormals: bool = True,
+    saturate: bool = False,
+) -> float:
     """Round the float ``x`` (exactly, as a Fraction) into eXmY: ``mode`` "nearest" (ties to even) or "zero".
 
     Overflow: ±Inf ("ieee"), NaN ("fn"), ±max with ``saturate`` or in mode "zero".  Inf inputs stay
@@ -170,8 +180,9 @@ def ref_round(x: float, ebits: int, mbits: int, mode: str, encoding: str = "ieee
     return math.copysign(float(r), x)  # float(Fraction) is correctly rounded, and r is an fp64 number
 
 
-def ref_neighbours(x: float, ebits: int, mbits: int, encoding: str = "ieee", *, subnormals: bool = True,
-                   saturate: bool = False) -> tuple[float, float, Fraction]:  # fmt: skip
+def ref_neighbours(
+    x: float, ebits: int, mbits: int, encoding: str = "ieee", *, subnormals: bool = True, saturate: bool = False
+) -> tuple[float, float, Fraction]:
     """The two stochastic-rounding outcomes of x and the probability of the upper one.
 
     (down, up, p): the two possible stochastic-rounding results (toward / away from zero, after the
@@ -232,8 +243,9 @@ class Spec:
         return self.mbits <= 23 and self.ebits <= 8
 
     def rn(self, x: float, *, saturate: bool = False) -> float:
-        return ref_round(x, self.ebits, self.mbits, "nearest", self.encoding, subnormals=self.subnormals,
-                         saturate=saturate)  # fmt: skip
+        return ref_round(
+            x, self.ebits, self.mbits, "nearest", self.encoding, subnormals=self.subnormals, saturate=saturate
+        )
 
     def rz(self, x: float) -> float:
         return ref_round(x, self.ebits, self.mbits, "zero", self.encoding, subnormals=self.subnormals)
@@ -301,14 +313,18 @@ def test_reference_agrees_with_hand_computed_values():
     assert SPECS["bf16_ftz"].rn(2.0**-126 - 2.0**-134) == 2.0**-126  # rounds up to the smallest normal
     assert bf16.neighbours(1 + 2**-9) == (1.0, 1 + 2**-7, Fraction(1, 4))
     assert bf16.neighbours(-3.0) == (-3.0, -3.0, Fraction(0))
-    assert (bf16.max, e4m3.max, e5m2.max, SPECS["fp16"].max) == (
-        float.fromhex("0x1.fep+127"), 448.0, 57344.0, 65504.0)  # fmt: skip
+    assert (bf16.max, e4m3.max, e5m2.max, SPECS["fp16"].max) == (float.fromhex("0x1.fep+127"), 448.0, 57344.0, 65504.0)
 
 
 def test_reference_decoder_agrees_with_ml_dtypes():
     """Spec.decode (used to generate representable values) against ml_dtypes' decoding, every pattern."""
-    for name, np_dtype in [("fp8_e4m3", ml_dtypes.float8_e4m3fn), ("fp8_e5m2", ml_dtypes.float8_e5m2),
-                           ("e4m3", ml_dtypes.float8_e4m3), ("bf16", ml_dtypes.bfloat16), ("fp16", np.float16)]:  # fmt: skip
+    for name, np_dtype in [
+        ("fp8_e4m3", ml_dtypes.float8_e4m3fn),
+        ("fp8_e5m2", ml_dtypes.float8_e5m2),
+        ("e4m3", ml_dtypes.float8_e4m3),
+        ("bf16", ml_dtypes.bfloat16),
+        ("fp16", np.float16),
+    ]:
         spec = SPECS[name]
         n = 1 << (1 + spec.ebits + spec.mbits)
         ours = np.array([spec.decode(p) for p in range(n)])
@@ -373,11 +389,19 @@ RZ = pl.round_toward_zero
 # ==================================================================================================
 # 1. round_nearest from fp32 vs ml_dtypes, exhaustive
 # ==================================================================================================
-ML_NATIVE = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp8_e4m3": ml_dtypes.float8_e4m3fn,
-             "fp8_e5m2": ml_dtypes.float8_e5m2}  # fmt: skip
+ML_NATIVE = {
+    "bf16": ml_dtypes.bfloat16,
+    "fp16": np.float16,
+    "fp8_e4m3": ml_dtypes.float8_e4m3fn,
+    "fp8_e5m2": ml_dtypes.float8_e5m2,
+}
 ML_CUSTOM = {"e4m3": ml_dtypes.float8_e4m3, "e3m4": ml_dtypes.float8_e3m4}  # IEEE-like eXmY ml_dtypes also has
-TORCH_NATIVE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3": torch.float8_e4m3fn,
-                "fp8_e5m2": torch.float8_e5m2}  # fmt: skip
+TORCH_NATIVE = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
 
 
 @functools.cache
@@ -691,8 +715,11 @@ def test_sr_saturate_maps_overflow_to_max(name, dtype):
     """
     spec = SPECS[name]
     top_q = spec.spacing_above(spec.max)
-    xs = [v for v in (spec.max + top_q / 4, spec.max + top_q / 2, spec.max + top_q, 3 * spec.max)
-          if float(torch.tensor(v, dtype=dtype).item()) == v]  # fmt: skip
+    xs = [
+        v
+        for v in (spec.max + top_q / 4, spec.max + top_q / 2, spec.max + top_q, 3 * spec.max)
+        if float(torch.tensor(v, dtype=dtype).item()) == v
+    ]
     x = torch.tensor(xs + [-v for v in xs], dtype=dtype).repeat(64)
     g = torch.Generator().manual_seed(6)
     got = pl.round_stochastic(x, name, generator=g, saturate=True)
@@ -714,19 +741,22 @@ def test_saturate_maps_inf_to_max_in_fp8_e4m3(dtype):
     got = RN(x, "fp8_e4m3", saturate=True)
     assert_bits_equal(got, np.array([448.0, -448.0, np.nan]).astype(_NP_OF[dtype]))
     g = torch.Generator().manual_seed(0)
-    assert_bits_equal(pl.round_stochastic(x, "fp8_e4m3", saturate=True, generator=g),
-                      np.array([448.0, -448.0, np.nan]).astype(_NP_OF[dtype]))  # fmt: skip
+    assert_bits_equal(
+        pl.round_stochastic(x, "fp8_e4m3", saturate=True, generator=g),
+        np.array([448.0, -448.0, np.nan]).astype(_NP_OF[dtype]),
+    )
 
 
 @pytest.mark.parametrize(
     ("fn", "x", "dtype", "name", "exact"),
     [
         pytest.param(RZ, 70144.0, torch.bfloat16, "fp16", 65504.0, id="rz-bf16in-fp16"),
-        pytest.param(functools.partial(RN, saturate=True), 70144.0, torch.bfloat16, "fp16", 65504.0,
-                     id="rn-saturate-bf16in-fp16"),
+        pytest.param(
+            functools.partial(RN, saturate=True), 70144.0, torch.bfloat16, "fp16", 65504.0, id="rn-saturate-bf16in-fp16"
+        ),
         pytest.param(RN, 65504.0, torch.float16, "bf16", 65536.0, id="rn-fp16in-bf16"),
     ],
-)  # fmt: skip
+)
 def test_result_not_representable_in_input_dtype(fn, x, dtype, name, exact):
     """The contract says the result holds a value representable in fmt; refusing (ValueError) is also fine."""
     t = torch.tensor([x, -x], dtype=dtype)
@@ -1272,8 +1302,11 @@ def _calibration(up: torch.Tensor, p: torch.Tensor, bins: int = 16) -> tuple[flo
 
 def _calibration_inputs(path: str, n: int = 2**20) -> tuple[torch.Tensor, str, torch.Tensor, torch.Tensor]:
     """Random x (n of them) in [1, 2) (fixed seed), the format, and the exact down/up neighbours and P(up) per x."""
-    dtype, name = {"bf16-fp32in-fast": (torch.float32, "bf16"), "bf16-fp64in-generic": (torch.float64, "bf16"),
-                   "fp16-fp64in-generic": (torch.float64, "fp16")}[path]  # fmt: skip
+    dtype, name = {
+        "bf16-fp32in-fast": (torch.float32, "bf16"),
+        "bf16-fp64in-generic": (torch.float64, "bf16"),
+        "fp16-fp64in-generic": (torch.float64, "fp16"),
+    }[path]
     g = torch.Generator().manual_seed(31)
     x = (1 + torch.rand(n, generator=g, dtype=torch.float64)).to(dtype)
     m = get_format(name).mantissa_bits

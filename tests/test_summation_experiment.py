@@ -24,8 +24,9 @@ from precision_lab import Accumulator, get_format, metrics, round_nearest, theor
 from precision_lab.results import read_csv
 from precision_lab.sweep import power_grid, stable_seed
 
-TINY = summation.Config(formats=("bf16", "fp16", "fp8_e5m2"), streams=tuple(summation.STREAMS), n_max=64,
-                        elements=8, trials=2)  # fmt: skip
+TINY = summation.Config(
+    formats=("bf16", "fp16", "fp8_e5m2"), streams=tuple(summation.STREAMS), n_max=64, elements=8, trials=2
+)
 SLACK_REL, SLACK_ABS = 2.0**-40, 2.0**-50  # fp64 evaluation of the stored numbers (module docstring)
 
 
@@ -49,8 +50,14 @@ def stall_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]
 
     The deterministic strategies only: 4096 adds of stochastic rounding would double the cost.
     """
-    cfg = summation.Config(formats=("bf16", "fp16", "fp8_e4m3"), strategies=("naive", "kahan", "pairwise"),
-                           streams=("constant", "positive"), n_max=4096, elements=4, trials=1)  # fmt: skip
+    cfg = summation.Config(
+        formats=("bf16", "fp16", "fp8_e4m3"),
+        strategies=("naive", "kahan", "pairwise"),
+        streams=("constant", "positive"),
+        n_max=4096,
+        elements=4,
+        trials=1,
+    )
     return read_csv(summation.run(cfg, tmp_path_factory.mktemp("stall"), seed=0, progress=False))
 
 
@@ -62,20 +69,40 @@ def test_rows_cover_the_grid_with_every_column(tiny_rows: list[dict[str, str]]) 
     grid = power_grid(TINY.n_max)
     assert grid == [1, 2, 4, 8, 16, 32, 64]
     keys = {(r["stream"], r["buffer_format"], r["strategy"], int(r["n_accum"]), int(r["trial"])) for r in tiny_rows}
-    expected = {(s, f, g, n, t) for s in TINY.streams for f in TINY.formats for g in TINY.strategies for n in grid
-                for t in range(TINY.trials)}  # fmt: skip
+    expected = {
+        (s, f, g, n, t)
+        for s in TINY.streams
+        for f in TINY.formats
+        for g in TINY.strategies
+        for n in grid
+        for t in range(TINY.trials)
+    }
     assert keys == expected
     assert len(tiny_rows) == len(expected)  # no duplicates
-    stagnation_columns = {"experiment", "stream", "buffer_format", "strategy", "n_accum", "elements", "trial", "seed",
-                          "rel_l2_error", "norm_ratio", "projection_bias", "lost_update_fraction", "nonfinite",
-                          "predicted_stall"}  # fmt: skip
+    stagnation_columns = {
+        "experiment",
+        "stream",
+        "buffer_format",
+        "strategy",
+        "n_accum",
+        "elements",
+        "trial",
+        "seed",
+        "rel_l2_error",
+        "norm_ratio",
+        "projection_bias",
+        "lost_update_fraction",
+        "nonfinite",
+        "predicted_stall",
+    }
     assert stagnation_columns <= set(summation.COLUMNS)  # a superset of the experiment it replaces
     for r in tiny_rows:
         assert r["experiment"] == "summation"
         assert int(r["elements"]) == TINY.elements
         assert int(r["seed"]) == summation.data_seed(5, r["stream"], int(r["trial"]))
-        assert r["predicted_stall"] == (str(theory.stagnation_count(r["buffer_format"], 1.0))
-                                        if r["stream"] == "constant" else "")  # fmt: skip
+        assert r["predicted_stall"] == (
+            str(theory.stagnation_count(r["buffer_format"], 1.0)) if r["stream"] == "constant" else ""
+        )
         assert float(r["lam"]) == TINY.lam
         assert float(r["sum_condition"]) >= 1.0 - 1e-15  # ||sum |x| || >= ||sum x||
         # the bounds are the theory's coefficients times kappa, the confidences 1 - m (1 - Q)
@@ -85,8 +112,10 @@ def test_rows_cover_the_grid_with_every_column(tiny_rows: list[dict[str, str]]) 
             float(r["sum_condition"]),
             TINY.lam,
         )
-        for column, c in (("bound_worst_case", theory.recursive_sum_bound(n, u, 1.0)),
-                          ("bound_probabilistic", theory.probabilistic_sum_bound(n, u, 1.0, lam))):  # fmt: skip
+        for column, c in (
+            ("bound_worst_case", theory.recursive_sum_bound(n, u, 1.0)),
+            ("bound_probabilistic", theory.probabilistic_sum_bound(n, u, 1.0, lam)),
+        ):
             assert float(r[column]) in ({c * kappa, 0.0} if n == 1 else {c * kappa, math.inf}), (column, r)
         q = theory.probabilistic_bound_probability(n, u, lam)
         assert float(r["bound_probabilistic_confidence"]) == max(0.0, 1 - TINY.elements * (1 - q))
@@ -123,19 +152,22 @@ def test_tasks_are_one_per_trial_and_format() -> None:
     assert TINY.tasks() == [{"trial": t, "buffer_format": f} for t in range(2) for f in TINY.formats]
 
 
-@pytest.mark.parametrize(("field", "value", "needle"), [
-    ("formats", ("bf16", "bf17"), "'bf17'"),
-    ("formats", ("bf16", "bf16"), "repeats"),
-    ("strategies", ("naive", "exact"), "'exact'"),
-    ("streams", ("constant", "pink_noise"), "'pink_noise'"),
-    ("streams", (), "stream"),
-    ("n_max", 0, "n_max must be an integer >= 1, got 0"),
-    ("n_max", 2.5, "n_max must be an integer >= 1, got 2.5"),
-    ("elements", -3, "elements must be an integer >= 1, got -3"),
-    ("trials", True, "trials must be an integer >= 1, got True"),
-    ("lam", 0.0, "lam must be a finite number > 0, got 0.0"),
-    ("lam", math.inf, "got inf"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("formats", ("bf16", "bf17"), "'bf17'"),
+        ("formats", ("bf16", "bf16"), "repeats"),
+        ("strategies", ("naive", "exact"), "'exact'"),
+        ("streams", ("constant", "pink_noise"), "'pink_noise'"),
+        ("streams", (), "stream"),
+        ("n_max", 0, "n_max must be an integer >= 1, got 0"),
+        ("n_max", 2.5, "n_max must be an integer >= 1, got 2.5"),
+        ("elements", -3, "elements must be an integer >= 1, got -3"),
+        ("trials", True, "trials must be an integer >= 1, got True"),
+        ("lam", 0.0, "lam must be a finite number > 0, got 0.0"),
+        ("lam", math.inf, "got inf"),
+    ],
+)
 def test_bad_config_is_a_value_error_naming_the_value(field: str, value: object, needle: str) -> None:
     with pytest.raises(ValueError, match=re.escape(needle)):
         dataclasses.replace(TINY, **{field: value})
@@ -147,8 +179,11 @@ def test_bad_config_is_a_value_error_naming_the_value(field: str, value: object,
 def test_constant_stream_stalls_exactly_where_theory_says(stall_rows: list[dict[str, str]]) -> None:
     """Adding 1 in RN: exact up to N = 2^t, then stuck at 2^t (by hand: error 1 - 2^t / N, lost (N - 2^t) / N)."""
     for fmt, stall in (("bf16", 256), ("fp16", 2048)):
-        naive = {int(r["n_accum"]): r for r in stall_rows
-                 if (r["stream"], r["buffer_format"], r["strategy"]) == ("constant", fmt, "naive")}  # fmt: skip
+        naive = {
+            int(r["n_accum"]): r
+            for r in stall_rows
+            if (r["stream"], r["buffer_format"], r["strategy"]) == ("constant", fmt, "naive")
+        }
         assert {r["predicted_stall"] for r in naive.values()} == {str(stall)}
         for n, r in naive.items():
             expected = 0.0 if n <= stall else 1 - stall / n  # exact dyadic numbers: compared exactly
@@ -159,14 +194,18 @@ def test_constant_stream_stalls_exactly_where_theory_says(stall_rows: list[dict[
         assert float(naive[2 * stall]["rel_l2_error"]) == 0.5
         # compensated and pairwise sums of 1s stay exact through both stalls
         for strategy in ("kahan", "pairwise"):
-            errs = [float(r["rel_l2_error"]) for r in stall_rows
-                    if (r["stream"], r["buffer_format"], r["strategy"]) == ("constant", fmt, strategy)]  # fmt: skip
+            errs = [
+                float(r["rel_l2_error"])
+                for r in stall_rows
+                if (r["stream"], r["buffer_format"], r["strategy"]) == ("constant", fmt, strategy)
+            ]
             assert errs == [0.0] * len(power_grid(4096)), (fmt, strategy)
 
 
 def test_kahan_and_pairwise_beat_naive_on_a_positive_stream(tmp_path: Path) -> None:
-    cfg = summation.Config(formats=("bf16",), strategies=("naive", "kahan", "pairwise"), streams=("positive",),
-                           n_max=1024, elements=64)  # fmt: skip
+    cfg = summation.Config(
+        formats=("bf16",), strategies=("naive", "kahan", "pairwise"), streams=("positive",), n_max=1024, elements=64
+    )
     rows = read_csv(summation.run(cfg, tmp_path, seed=1, progress=False))
     err = {(r["strategy"], int(r["n_accum"])): float(r["rel_l2_error"]) for r in rows}
     for n in (128, 256, 512, 1024):
@@ -185,8 +224,9 @@ def test_experiment_matches_an_independent_oracle() -> None:
     Stochastic rounding draws its bits by position in the wide buffer, so it is checked against a wide
     Accumulator with ``count_lost=True``: the per-stream counts must add up to its total.
     """
-    cfg = summation.Config(formats=("fp8_e5m2",), streams=("positive", "low_snr", "sparse"), n_max=128, elements=16,
-                           trials=1)  # fmt: skip
+    cfg = summation.Config(
+        formats=("fp8_e5m2",), streams=("positive", "low_snr", "sparse"), n_max=128, elements=16, trials=1
+    )
     seed, fmt, m = 3, "fp8_e5m2", cfg.elements
     rows = summation.measure_task(cfg, fmt, 0, seed)
     x = round_nearest(torch.cat(summation.draw(cfg, seed, 0)), fmt)  # (n_max, streams x elements)
@@ -206,11 +246,17 @@ def test_experiment_matches_an_independent_oracle() -> None:
                 assert float(r["lost_update_fraction"]) == acc.lost_updates / (n * m), (stream, s, n)
             assert float(r["sum_condition"]) == pytest.approx(
                 math.sqrt(sum(math.fsum(abs(v) for v in c.tolist()) ** 2 for c in cols[:n].T)) / float(ref.norm()),
-                rel=1e-14)  # fmt: skip
+                rel=1e-14,
+            )
     for g in summation.STRATEGIES:  # the counts compared are not trivially 0 (fp8_e5m2 loses many updates)
         assert any(float(at[s, g, 128]["lost_update_fraction"]) > 0.01 for s in cfg.streams), g
-    sr = Accumulator("stochastic", fmt, (x.shape[1],), count_lost=True,
-                     generator=torch.Generator().manual_seed(stable_seed(seed, summation.NAME, fmt, "stochastic", 0)))  # fmt: skip
+    sr = Accumulator(
+        "stochastic",
+        fmt,
+        (x.shape[1],),
+        count_lost=True,
+        generator=torch.Generator().manual_seed(stable_seed(seed, summation.NAME, fmt, "stochastic", 0)),
+    )
     for n in range(1, cfg.n_max + 1):
         sr.add(x[n - 1])
         if n in (8, 128):
@@ -219,7 +265,8 @@ def test_experiment_matches_an_independent_oracle() -> None:
             for b, s in enumerate(cfg.streams):
                 ref = torch.tensor([math.fsum(c.tolist()) for c in x[:n, b * m : (b + 1) * m].T], dtype=torch.float64)
                 assert float(at[s, "stochastic", n]["rel_l2_error"]) == metrics.rel_l2_error(
-                    sr.value()[b * m : (b + 1) * m], ref)  # fmt: skip
+                    sr.value()[b * m : (b + 1) * m], ref
+                )
 
 
 def test_hand_made_stream_exact_error_and_a_nonfinite_input() -> None:
@@ -279,8 +326,9 @@ def deterministic_checks(rows: list[dict[str, str]]) -> list[tuple[float, float]
     return pairs
 
 
-def test_measured_errors_never_exceed_the_rigorous_bounds(tiny_rows: list[dict[str, str]],
-                                                           stall_rows: list[dict[str, str]]) -> None:  # fmt: skip
+def test_measured_errors_never_exceed_the_rigorous_bounds(
+    tiny_rows: list[dict[str, str]], stall_rows: list[dict[str, str]]
+) -> None:
     rows = tiny_rows + stall_rows
     pairs = deterministic_checks(rows)
     assert len(pairs) > 1000
@@ -301,8 +349,12 @@ def test_the_bound_check_has_teeth(tiny_rows: list[dict[str, str]]) -> None:
     """
     naive = [r for r in tiny_rows if r["strategy"] == "naive" and r["buffer_format"] == "bf16"]
     u4 = 2.0**-10
-    violated = [r for r in naive if int(r["n_accum"]) > 1
-                and not within(float(r["rel_l2_error"]), theory.gamma(int(r["n_accum"]) - 1, u4) * float(r["sum_condition"]))]  # fmt: skip
+    violated = [
+        r
+        for r in naive
+        if int(r["n_accum"]) > 1
+        and not within(float(r["rel_l2_error"]), theory.gamma(int(r["n_accum"]) - 1, u4) * float(r["sum_condition"]))
+    ]
     hit = {(r["stream"], r["trial"]) for r in violated if r["n_accum"] == "2"}
     assert len(hit) >= 4, hit  # of the 8 (random stream, trial) pairs
     # wrong reference: the fp64 sum of the *unrounded* addends mixes input quantisation into the error,
@@ -313,8 +365,9 @@ def test_the_bound_check_has_teeth(tiny_rows: list[dict[str, str]]) -> None:
     assert float(row["bound_worst_case"]) == 0.0 < err
 
 
-def test_probabilistic_bounds_hold_at_their_stated_probability(tiny_rows: list[dict[str, str]],
-                                                                stall_rows: list[dict[str, str]]) -> None:  # fmt: skip
+def test_probabilistic_bounds_hold_at_their_stated_probability(
+    tiny_rows: list[dict[str, str]], stall_rows: list[dict[str, str]]
+) -> None:
     """SR (a theorem) and HM19 on random streams (a model): no violation where confidence >= 0.9.
 
     Union bound over rows (no independence needed): P(any violation) <= sum(1 - confidence), which is
@@ -322,10 +375,19 @@ def test_probabilistic_bounds_hold_at_their_stated_probability(tiny_rows: list[d
     bound at lam = 0.1 fails, and HM19 fails for stagnation (fp16, N >= 4096: one-signed errors).
     """
     rows = tiny_rows + stall_rows
-    sr = [r for r in rows if r["strategy"] == "stochastic" and float(r["bound_strategy_confidence"]) >= 0.9
-          and int(r["n_accum"]) > 1]  # fmt: skip
-    hm = [r for r in rows if r["strategy"] == "naive" and r["stream"] not in ("constant",)
-          and float(r["bound_probabilistic_confidence"]) >= 0.9 and int(r["n_accum"]) > 1]  # fmt: skip
+    sr = [
+        r
+        for r in rows
+        if r["strategy"] == "stochastic" and float(r["bound_strategy_confidence"]) >= 0.9 and int(r["n_accum"]) > 1
+    ]
+    hm = [
+        r
+        for r in rows
+        if r["strategy"] == "naive"
+        and r["stream"] not in ("constant",)
+        and float(r["bound_probabilistic_confidence"]) >= 0.9
+        and int(r["n_accum"]) > 1
+    ]
     assert len(sr) > 100
     assert len(hm) > 100
     risk = sum(1 - float(r["bound_strategy_confidence"]) for r in sr)
@@ -334,14 +396,26 @@ def test_probabilistic_bounds_hold_at_their_stated_probability(tiny_rows: list[d
     assert all(within(float(r["rel_l2_error"]), float(r["bound_strategy"])) for r in sr)
     assert all(within(float(r["rel_l2_error"]), float(r["bound_probabilistic"])) for r in hm)
     # negative control 1: lam = 0.1 makes the SR bound too small to hold
-    low = [r for r in sr if math.isfinite(float(r["bound_strategy"])) and float(r["rel_l2_error"]) > 0
-           and not within(float(r["rel_l2_error"]), theory.stochastic_rounding_sum_bound(
-               int(r["n_accum"]), get_format(r["buffer_format"]).unit_roundoff, 1.0, 0.1)
-               * float(r["sum_condition"]))]  # fmt: skip
+    low = [
+        r
+        for r in sr
+        if math.isfinite(float(r["bound_strategy"]))
+        and float(r["rel_l2_error"]) > 0
+        and not within(
+            float(r["rel_l2_error"]),
+            theory.stochastic_rounding_sum_bound(
+                int(r["n_accum"]), get_format(r["buffer_format"]).unit_roundoff, 1.0, 0.1
+            )
+            * float(r["sum_condition"]),
+        )
+    ]
     assert len(low) > 10
     # negative control 2: the HM19 model fails for stagnation (all rounding errors of one sign)
-    stuck = [r for r in stall_rows if (r["stream"], r["buffer_format"], r["strategy"], r["n_accum"])
-             == ("constant", "fp16", "naive", "4096")]  # fmt: skip
+    stuck = [
+        r
+        for r in stall_rows
+        if (r["stream"], r["buffer_format"], r["strategy"], r["n_accum"]) == ("constant", "fp16", "naive", "4096")
+    ]
     assert float(stuck[0]["bound_probabilistic_confidence"]) > 0.999
     assert float(stuck[0]["rel_l2_error"]) == 0.5 > float(stuck[0]["bound_probabilistic"])
 
@@ -364,7 +438,10 @@ def test_quick_config_end_to_end(tmp_path: Path) -> None:
     rows = read_csv(summation.run(cfg, tmp_path / "summation", seed=0, progress=False))
     assert len(rows) == len(cfg.formats) * cfg.trials * len(cfg.streams) * len(cfg.strategies) * 13
     assert not [(e, b) for e, b in deterministic_checks(rows) if not within(e, b)]
-    naive = {(r["buffer_format"], int(r["n_accum"])): float(r["rel_l2_error"]) for r in rows
-             if (r["stream"], r["strategy"]) == ("constant", "naive")}  # fmt: skip
+    naive = {
+        (r["buffer_format"], int(r["n_accum"])): float(r["rel_l2_error"])
+        for r in rows
+        if (r["stream"], r["strategy"]) == ("constant", "naive")
+    }
     assert [naive["bf16", 256], naive["bf16", 512], naive["fp16", 2048], naive["fp16", 4096]] == [0.0, 0.5, 0.0, 0.5]
     assert len(summation.plot(tmp_path / "summation", tmp_path / "figures")) == 2

@@ -50,8 +50,14 @@ def test_naive_bf16_stalls_at_256_as_theory_says() -> None:
 
     One element, so the norms are exact and the metrics are exact binary fractions.
     """
-    rows = stream(lambda k: torch.ones(k, 1, dtype=torch.float64), "bf16", [256, 1024],
-                  [("bf16", "naive"), ("bf16", "kahan"), ("fp64", "exact")], scaling="post", seed=0)  # fmt: skip
+    rows = stream(
+        lambda k: torch.ones(k, 1, dtype=torch.float64),
+        "bf16",
+        [256, 1024],
+        [("bf16", "naive"), ("bf16", "kahan"), ("fp64", "exact")],
+        scaling="post",
+        seed=0,
+    )
     by = {(r["strategy"], r["n_accum"]): r for r in rows}
     assert by[("naive", 256)]["rel_l2_error"] == 0.0
     assert by[("naive", 1024)]["rel_l2_error"] == 0.75
@@ -83,8 +89,15 @@ def test_quantisation_floor_bounds_every_single_format_read_out() -> None:
         assert r["rel_l2_error"] >= r["quantisation_floor"], r
     # 1 + 2^-9 is not a bf16 number (ulp(1) = 2^-7): naive loses the 2^-9, Kahan keeps it in c
     values = iter([1.0, 2.0**-9])
-    rows = stream(lambda k: torch.tensor([[next(values)] for _ in range(k)], dtype=torch.float64), "fp32", [2],
-                  [("bf16", "kahan"), ("bf16", "naive")], scaling="post", seed=0, chunk_size=1)  # fmt: skip
+    rows = stream(
+        lambda k: torch.tensor([[next(values)] for _ in range(k)], dtype=torch.float64),
+        "fp32",
+        [2],
+        [("bf16", "kahan"), ("bf16", "naive")],
+        scaling="post",
+        seed=0,
+        chunk_size=1,
+    )
     kahan, naive = rows
     assert kahan["rel_l2_error"] == 0.0 < kahan["quantisation_floor"] == naive["rel_l2_error"]
 
@@ -108,8 +121,9 @@ def test_fixed_micro_post_pass_equals_per_n_passes_and_reference_grows() -> None
     buffers = [("fp32", "naive"), ("bf16", "stochastic"), ("fp64", "exact")]
     whole = fixed_micro(eng, x, y, 4, [1, 8, 32], buffers, scaling="post", seed=3)
     for n in (1, 8):
-        assert [r for r in whole if r["n_accum"] == n] == fixed_micro(eng, x, y, 4, [n], buffers, scaling="post",
-                                                                        seed=3)  # fmt: skip
+        assert [r for r in whole if r["n_accum"] == n] == fixed_micro(
+            eng, x, y, 4, [n], buffers, scaling="post", seed=3
+        )
     # the truth at N is the gradient of the first N*B samples: check it against a direct fp64 pass
     exact32 = next(r for r in whole if r["n_accum"] == 32 and r["strategy"] == "exact")
     ref = reference_gradient(model, F.cross_entropy, x, y)
@@ -180,12 +194,22 @@ def _work(calls: list):
 
 def test_shards_merge_into_the_single_process_bytes(tmp_path: Path) -> None:
     cfg = {"k": 7}
-    single = run_tasks("t", tmp_path / "one", _tasks(7), _work([]), columns=("i", "j", "x"), config=cfg, seed=0,
-                       progress=False)  # fmt: skip
+    single = run_tasks(
+        "t", tmp_path / "one", _tasks(7), _work([]), columns=("i", "j", "x"), config=cfg, seed=0, progress=False
+    )
     calls: list = []
     for i in (2, 3, 1):  # any order
-        out = run_tasks("t", tmp_path / "sharded", _tasks(7), _work(calls), columns=("i", "j", "x"), config=cfg,
-                        seed=0, shard=(i, 3), progress=False)  # fmt: skip
+        out = run_tasks(
+            "t",
+            tmp_path / "sharded",
+            _tasks(7),
+            _work(calls),
+            columns=("i", "j", "x"),
+            config=cfg,
+            seed=0,
+            shard=(i, 3),
+            progress=False,
+        )
         assert (out is None) == (i != 1)  # only the run that completes the grid merges
     assert sorted(calls) == list(range(7))  # disjoint shards cover the grid once
     assert out.read_bytes() == single.read_bytes()
@@ -233,8 +257,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_bytes(tmp_path: Path) -> Non
     cfg = eval(KILL_CONFIG)  # noqa: S307 - one literal shared with the child process below
     reference = summation.run(cfg, tmp_path / "ref", seed=1, progress=False).read_bytes()
     victim = tmp_path / "victim"
-    code = (f"from experiments import summation\n"
-            f"summation.run({KILL_CONFIG}, {str(victim)!r}, seed=1, progress=False)\n")  # fmt: skip
+    code = f"from experiments import summation\nsummation.run({KILL_CONFIG}, {str(victim)!r}, seed=1, progress=False)\n"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     deadline = time.monotonic() + 120
@@ -278,8 +301,14 @@ def test_code_digest_covers_the_computing_code_only(tmp_path: Path) -> None:
     probe = "from precision_lab.sweep import code_digest; print(code_digest('experiments.training'))"
 
     def digest() -> str:
-        out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            cwd=tmp_path,
+            env={"PYTHONPATH": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return out.stdout.strip()
 
     first = digest()

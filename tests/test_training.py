@@ -83,8 +83,15 @@ def flat(gs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1).double() for g in gs])
 
 
-def run_window(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, *, scale_loss: bool = True,
-               scaler: torch.amp.GradScaler | None = None, autocast: bool = False) -> None:  # fmt: skip
+def run_window(
+    model: nn.Module,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    *,
+    scale_loss: bool = True,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast: bool = False,
+) -> None:
     """N micro-steps of ``(cross_entropy / N).backward()`` (the user's loop, with or without an accumulator)."""
     n = xs.shape[0]
     dtype = next(model.parameters()).dtype
@@ -115,11 +122,18 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------------
 # a quarter of the profile's examples: each one runs two small training windows
 @settings(max_examples=max(10, settings.default.max_examples // 4))
-@given(dtype=st.sampled_from(["fp32", "bf16", "fp16"]), hidden=st.lists(st.integers(1, 12), max_size=2),
-       d_in=st.integers(1, 8), classes=st.integers(1, 5), sizes=st.lists(st.integers(1, 4), min_size=1, max_size=16),
-       act=st.sampled_from(sorted(ACTIVATIONS)), seed=st.integers(0, 2**32 - 1))  # fmt: skip
-def test_naive_in_param_format_is_plain_pytorch_bit_for_bit(dtype: str, hidden: list[int], d_in: int, classes: int,
-                                                            sizes: list[int], act: str, seed: int) -> None:  # fmt: skip
+@given(
+    dtype=st.sampled_from(["fp32", "bf16", "fp16"]),
+    hidden=st.lists(st.integers(1, 12), max_size=2),
+    d_in=st.integers(1, 8),
+    classes=st.integers(1, 5),
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=16),
+    act=st.sampled_from(sorted(ACTIVATIONS)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_naive_in_param_format_is_plain_pytorch_bit_for_bit(
+    dtype: str, hidden: list[int], d_in: int, classes: int, sizes: list[int], act: str, seed: int
+) -> None:
     """Random MLPs, random splits of a batch into N micro-batches of varying size (sum loss / total)."""
     model = mlp([d_in, *hidden, classes], DTYPES[dtype], seed, act)
     plain = copy.deepcopy(model)
@@ -160,10 +174,12 @@ def test_post_scaling_equals_plain_div(dtype: str, n: int) -> None:
 @pytest.mark.parametrize("opt", ["sgd_momentum", "adam", "adamw", "rmsprop"])
 def test_any_optimizer_with_clipping_follows_the_plain_trajectory(opt: str) -> None:
     """Three optimizer steps with gradient clipping after write_grads: identical parameters to plain PyTorch."""
-    make = {"sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
-            "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
-            "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
-            "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-2)}[opt]  # fmt: skip
+    make = {
+        "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-2),
+    }[opt]
     model = mlp([6, 8, 4], torch.float32, 5)
     plain = copy.deepcopy(model)
     opt_a, opt_b = make(plain.parameters()), make(model.parameters())
@@ -263,8 +279,9 @@ def test_every_strategy_equals_a_standalone_accumulator(strategy: str, pdtype: s
 def test_stochastic_buffer_is_reproducible_from_its_generator(n: int) -> None:
     def window(seed: int) -> list[torch.Tensor]:
         model = mlp([5, 6, 3], torch.float32, 13)
-        with GradientAccumulator(model.parameters(), "stochastic", "bf16",
-                                 generator=torch.Generator().manual_seed(seed)) as acc:  # fmt: skip
+        with GradientAccumulator(
+            model.parameters(), "stochastic", "bf16", generator=torch.Generator().manual_seed(seed)
+        ) as acc:
             run_window(model, *batches(n, 2, 5, 3, 14))
             acc.write_grads()
         return grads(model)
@@ -448,9 +465,16 @@ def test_grad_scaler_skips_the_step_when_a_micro_step_overflows_the_buffer(fmt: 
 # --------------------------------------------------------------------------------------------------
 # properties and lifetime
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("strategy", "fmt", "pdtype", "nbytes"),
-                         [("naive", None, "bf16", 2.0), ("kahan", "bf16", "fp32", 4.0), ("naive", "fp32", "bf16", 4.0),
-                          ("exact", None, "fp32", 16.0), ("stochastic", "bf16", "fp32", 2.0)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("strategy", "fmt", "pdtype", "nbytes"),
+    [
+        ("naive", None, "bf16", 2.0),
+        ("kahan", "bf16", "fp32", 4.0),
+        ("naive", "fp32", "bf16", 4.0),
+        ("exact", None, "fp32", 16.0),
+        ("stochastic", "bf16", "fp32", 2.0),
+    ],
+)
 def test_bytes_per_element(strategy: str, fmt: str | None, pdtype: str, nbytes: float) -> None:
     model = mlp([3, 4, 2], DTYPES[pdtype], 25)
     acc = GradientAccumulator(model.parameters(), strategy, fmt, generator=torch.Generator().manual_seed(0))
@@ -468,8 +492,12 @@ def test_window_counters_and_reset() -> None:
     assert acc.micro_steps == 64
     assert acc.lost_updates == sum(a.lost_updates for a in acc.accumulators) > 0  # bf16 stagnates by N = 64
     stats = acc.write_grads()
-    assert stats == {"micro_steps": 64, "element_adds": 64 * acc.numel, "lost_updates": stats["lost_updates"],
-                     "nonfinite_inputs": 0}  # fmt: skip
+    assert stats == {
+        "micro_steps": 64,
+        "element_adds": 64 * acc.numel,
+        "lost_updates": stats["lost_updates"],
+        "nonfinite_inputs": 0,
+    }
     assert stats["lost_updates"] > 0
     assert (acc.micro_steps, acc.lost_updates, acc.element_adds) == (0, 0, 0)  # reset
     with torch.no_grad():
@@ -696,8 +724,12 @@ def test_ddp_no_sync_gives_the_all_reduced_accumulated_gradient(tmp_path: Path) 
     }
     cmd = [sys.executable, str(ROOT / "tests" / "_ddp_worker.py")]
     args = [str(world), str(tmp_path / "rendezvous"), str(tmp_path), str(n), str(b)]
-    procs = [subprocess.Popen([*cmd, str(r), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [*cmd, str(r), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for r in range(world)
+    ]
     logs = []
     for proc in procs:
         try:

@@ -9,8 +9,9 @@ import pytest
 from experiments import training
 from precision_lab.results import read_csv
 
-TINY = training.Config(workloads=("mlp",), micro_batch=(4,), size="quick", n_values=(1, 32), steps=6, eval_every=3,
-                       eval_size=128, trials=1)  # fmt: skip
+TINY = training.Config(
+    workloads=("mlp",), micro_batch=(4,), size="quick", n_values=(1, 32), steps=6, eval_every=3, eval_size=128, trials=1
+)
 
 
 @pytest.fixture(scope="module")

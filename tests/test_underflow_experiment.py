@@ -11,9 +11,25 @@ import torch
 from experiments import underflow as uf
 from precision_lab.results import read_csv
 
-ISSUE_COLUMNS = ("experiment", "workload", "compute_format", "buffer_format", "strategy", "scaling", "loss_scale",
-                 "n_accum", "micro_batch", "effective_batch", "trial", "seed", "flushed_fraction",
-                 "subnormal_fraction", "rel_l2_error", "norm_ratio", "nonfinite")  # fmt: skip
+ISSUE_COLUMNS = (
+    "experiment",
+    "workload",
+    "compute_format",
+    "buffer_format",
+    "strategy",
+    "scaling",
+    "loss_scale",
+    "n_accum",
+    "micro_batch",
+    "effective_batch",
+    "trial",
+    "seed",
+    "flushed_fraction",
+    "subnormal_fraction",
+    "rel_l2_error",
+    "norm_ratio",
+    "nonfinite",
+)
 N_GRID = (1, 4, 32)
 
 
@@ -50,10 +66,25 @@ def test_rows_cover_the_grid_with_the_issue_columns(rows: list[dict[str, str]]) 
     assert set(ISSUE_COLUMNS) <= set(rows[0])
     assert tuple(rows[0]) == uf.COLUMNS
     cfg = tiny()
-    keys = {(r["compute_format"], r["buffer_format"], r["strategy"], r["scaling"], float(r["loss_scale"]),
-             int(r["n_accum"]), r["trial"]) for r in rows}  # fmt: skip
-    want = {(c, b, "naive", sc, s, n, "0") for c, b in cfg.pairs for sc in ("pre", "post") for s in cfg.loss_scales
-            for n in N_GRID}  # fmt: skip
+    keys = {
+        (
+            r["compute_format"],
+            r["buffer_format"],
+            r["strategy"],
+            r["scaling"],
+            float(r["loss_scale"]),
+            int(r["n_accum"]),
+            r["trial"],
+        )
+        for r in rows
+    }
+    want = {
+        (c, b, "naive", sc, s, n, "0")
+        for c, b in cfg.pairs
+        for sc in ("pre", "post")
+        for s in cfg.loss_scales
+        for n in N_GRID
+    }
     assert keys == want
     assert len(rows) == len(want)  # each exactly once
     for r in rows:
@@ -75,8 +106,14 @@ def test_n1_pre_and_post_rows_are_identical(rows: list[dict[str, str]]) -> None:
     """N = 1: pre divides by 1 (not at all) and post by 1: the same computation, to the bit."""
     checked = 0
     for r in pick(rows, n_accum=1, scaling="pre"):
-        twin = one(rows, n_accum=1, scaling="post", compute_format=r["compute_format"],
-                   buffer_format=r["buffer_format"], loss_scale=r["loss_scale"])  # fmt: skip
+        twin = one(
+            rows,
+            n_accum=1,
+            scaling="post",
+            compute_format=r["compute_format"],
+            buffer_format=r["buffer_format"],
+            loss_scale=r["loss_scale"],
+        )
         assert {**r, "scaling": "post"} == twin
         checked += 1
     assert checked == 3 * 3  # regimes x loss scales
@@ -115,8 +152,17 @@ def test_pre_with_scale_s_is_post_with_scale_s_over_n(rows: list[dict[str, str]]
     post with S = 2^10 backpropagates loss * 2^10 and reads the sum out times 2^-10 / 32.  The
     micro-gradients, the sums and the read-out factors are identical, so is every measured column.
     """
-    same = ("flushed_fraction", "subnormal_fraction", "nonfinite_inputs", "rel_l2_error", "norm_ratio",
-            "projection_bias", "max_ulp_error", "lost_update_fraction", "nonfinite")  # fmt: skip
+    same = (
+        "flushed_fraction",
+        "subnormal_fraction",
+        "nonfinite_inputs",
+        "rel_l2_error",
+        "norm_ratio",
+        "projection_bias",
+        "max_ulp_error",
+        "lost_update_fraction",
+        "nonfinite",
+    )
     for compute, buffer in (("fp16", "fp16"), ("fp16", "fp32"), ("fp32", "fp16")):
         pre = one(rows, compute_format=compute, buffer_format=buffer, scaling="pre", loss_scale=2.0**15, n_accum=32)
         post = one(rows, compute_format=compute, buffer_format=buffer, scaling="post", loss_scale=2.0**10, n_accum=32)
@@ -141,8 +187,16 @@ def test_too_large_a_loss_scale_overflows_posts_fp16_sum(rows: list[dict[str, st
 
 
 def test_fp64_compute_flushes_nothing(tmp_path: Path) -> None:
-    cfg = uf.Config(workloads=("mlp",), effective_batch=(16,), size="quick", pairs=(("fp64", "fp64"), ("fp64", "fp32")),
-                    loss_scales=(1.0, 2.0**10), n_accum=(1, 16), trials=1, warmup_steps=0)  # fmt: skip
+    cfg = uf.Config(
+        workloads=("mlp",),
+        effective_batch=(16,),
+        size="quick",
+        pairs=(("fp64", "fp64"), ("fp64", "fp32")),
+        loss_scales=(1.0, 2.0**10),
+        n_accum=(1, 16),
+        trials=1,
+        warmup_steps=0,
+    )
     rows = read_csv(uf.run(cfg, tmp_path, seed=0, progress=False))
     assert len(rows) == 2 * 2 * 2 * 2
     for r in rows:
@@ -161,8 +215,13 @@ def test_flush_counts_by_hand() -> None:
     got = uf.flush_counts(g.double(), g, "fp16")
     assert got == {"nonzero": 9, "flushed": 3, "zeroed": 0, "subnormal": 3, "nonfinite": 1}
     # the same fp32 values into an fp32 buffer: nothing flushes, 70000 is finite, none is subnormal in fp32
-    assert uf.flush_counts(g.double(), g, "fp32") == {"nonzero": 9, "flushed": 0, "zeroed": 0, "subnormal": 0,
-                                                                "nonfinite": 0}  # fmt: skip
+    assert uf.flush_counts(g.double(), g, "fp32") == {
+        "nonzero": 9,
+        "flushed": 0,
+        "zeroed": 0,
+        "subnormal": 0,
+        "nonfinite": 0,
+    }
     # ... but counted against fp16's subnormal range: every nonzero value below 2^-14 (6 of them)
     assert uf.flush_counts(g.double(), g, "fp32", "fp16")["subnormal"] == 6
     # an element that is 0 in exact arithmetic is never "flushed", whatever arrives; nor is fp64 residue

@@ -246,8 +246,12 @@ _DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _invariance_cases() -> list:
-    return [pytest.param(name, dtype, b, id=f"{name}-{dname}-B{b}")
-            for name in MODEL_WORKLOADS for dname, dtype in _DTYPES.items() for b in (16, 32)]  # fmt: skip
+    return [
+        pytest.param(name, dtype, b, id=f"{name}-{dname}-B{b}")
+        for name in MODEL_WORKLOADS
+        for dname, dtype in _DTYPES.items()
+        for b in (16, 32)
+    ]
 
 
 def _ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
