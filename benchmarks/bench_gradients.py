@@ -27,7 +27,7 @@ import torch
 from _common import timeit
 
 from precision_lab.gradients import GradientEngine
-from precision_lab.sweep import fixed_micro, power_grid
+from precision_lab.measure import fixed_micro, power_grid
 from precision_lab.workloads import make_workload
 
 BUFFERS = [("fp32", "naive"), ("bf16", "naive"), ("bf16", "kahan"), ("bf16", "stochastic")]

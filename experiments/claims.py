@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from precision_lab.plotting import trial_intervals, trial_means
-from precision_lab.results import atomic_write_text, read_csv
+from precision_lab.lab.plotting import trial_intervals, trial_means
+from precision_lab.lab.results import atomic_write_text, read_csv
 
 __all__ = ["CLAIMS", "RULES", "Verdict", "evaluate", "load_results", "write_report"]
 

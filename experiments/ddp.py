@@ -11,7 +11,7 @@ records the all-reduce calls (counted by a wrapping comm hook: one per gradient 
 the error against the fp64 large-batch gradient, and the largest difference from one process
 accumulating all micro-batches in the same precision.
 
-``run`` writes ``results.csv`` + ``metadata.json``; ``plot`` only reads them.
+``run`` writes ``results.csv`` + ``metadata.json``; :mod:`experiments.figures.ddp` only reads them.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ import torch
 
 from precision_lab import metrics
 from precision_lab.gradients import flat_gradients, reference_gradient
-from precision_lab.plotting import pyplot, save_figure
-from precision_lab.results import read_csv
-from precision_lab.sweep import run_tasks, stable_seed
+from precision_lab.lab.runner import run_tasks
+from precision_lab.measure import stable_seed
 
 NAME = "ddp"
 COLUMNS = (
@@ -73,6 +72,13 @@ class Config:
     def quick(cls) -> Config:
         """Seconds: the quick MLP, N up to 16."""
         return cls(size="quick", n_values=(1, 4, 16))
+
+
+@dataclass(frozen=True)
+class Task:
+    """The whole grid is one task: every rank runs every (N, precision, mode) in one process group."""
+
+    world_size: int  # processes
 
 
 def _micro(xs: torch.Tensor, ys: torch.Tensor, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +177,7 @@ def run(
     if config.world_size < 2:
         raise ValueError(f"world_size must be >= 2, got {config.world_size!r}")
 
-    def work(task: dict[str, Any]) -> list[dict[str, Any]]:
+    def work(task: Task) -> list[dict[str, Any]]:
         import torch.multiprocessing as mp
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -187,44 +193,12 @@ def run(
     return run_tasks(
         NAME,
         out_dir,
-        [{"world_size": config.world_size}],
+        [Task(world_size=config.world_size)],
         work,
         columns=COLUMNS,
-        config=dataclasses.asdict(config),
+        config=config,
         seed=seed,
         device=device,
         shard=shard,
         progress=progress,
     )
-
-
-def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
-    """All-reduce calls and error vs N, per mode and all-reduce precision."""
-    plt = pyplot()
-
-    rows = read_csv(Path(out_dir) / "results.csv")
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-    styles = dict(zip(MODES, ("-", "--", ":", "-."), strict=True))
-    for i, (mfmt, afmt) in enumerate(sorted({(r["model_format"], r["allreduce_format"]) for r in rows})):
-        for mode, ls in styles.items():
-            sel = sorted(
-                (r for r in rows if (r["model_format"], r["allreduce_format"], r["mode"]) == (mfmt, afmt, mode)),
-                key=lambda r: int(r["n_accum"]),
-            )
-            ns = [int(r["n_accum"]) for r in sel]
-            marker = "osx+"[MODES.index(mode)]  # coinciding modes stay visible as overlaid markers
-            kw = {
-                "color": f"C{i}",
-                "linestyle": ls,
-                "marker": marker,
-                "label": f"{mfmt} model, {afmt} all-reduce, {mode}",
-            }
-            axes[0].loglog(ns, [int(r["allreduces"]) for r in sel], base=2, **kw)
-            axes[1].loglog(ns, [max(float(r["rel_l2_error"]), 1e-18) for r in sel], base=2, **kw)
-    axes[0].set_ylabel("all-reduce calls per optimizer step")
-    axes[1].set_ylabel("relative L2 error vs fp64 large batch")
-    for ax in axes:
-        ax.set_xlabel("micro-batches per rank N")
-    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: it hides no data
-    fig.suptitle("DDP with gradient accumulation: no_sync vs an all-reduce every micro-step")
-    return [save_figure(fig, fig_dir, NAME)]

@@ -9,24 +9,22 @@ row compares a left-hand side with a right-hand side (``rel_difference`` = max |
 after it shows the fix that restores equality.  The functions are in
 :mod:`precision_lab.equivalence`, whose docstring derives every relation.
 
-``run`` writes ``results.csv`` + ``metadata.json``; ``plot`` only reads them.
+``run`` writes ``results.csv`` + ``metadata.json``; :mod:`experiments.figures.equivalence` only reads them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from precision_lab import equivalence as eq
-from precision_lab.plotting import pyplot, save_figure
-from precision_lab.results import read_csv
-from precision_lab.sweep import run_tasks, stable_seed
+from precision_lab.lab.runner import run_tasks
+from precision_lab.measure import stable_seed
 from precision_lab.workloads import make_workload
 
 NAME = "equivalence"
@@ -57,6 +55,22 @@ class Config:
     def quick(cls) -> Config:
         """A few seconds."""
         return cls(n_values=(2, 3, 8))
+
+
+@dataclass(frozen=True)
+class Task:
+    """The whole comparison is one task: it takes seconds."""
+
+    claims: str  # the claims it covers
+
+
+class OptimizerCase(NamedTuple):
+    """One optimizer of the lr/N vs loss/N comparison (C6)."""
+
+    case: str  # the row's case
+    spec: eq.OptimizerSpec  # the optimizer
+    predicted: str  # "equal" or "differs"
+    fix: Callable[[eq.OptimizerSpec], eq.OptimizerSpec] | None  # the spec whose lr/N run equals loss/N, if needed
 
 
 def _compare(lhs: torch.Tensor, rhs: torch.Tensor) -> tuple[float, bool]:
@@ -113,11 +127,11 @@ def run(
     if device != "cpu":
         raise ValueError(f"the equivalence experiment runs in fp64 on CPU; --device {device!r} is not supported")
 
-    def work(task: dict[str, Any]) -> list[dict[str, Any]]:
+    def work(task: Task) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
 
         def add(
-            claim: str, case: str, comparison: str, n: int, predicted: str, lhs: torch.Tensor, rhs: torch.Tensor
+            claim: str, case: str, comparison: str, *, n: int, predicted: str, lhs: torch.Tensor, rhs: torch.Tensor
         ) -> None:
             rel, same = _compare(lhs, rhs)
             ok = (rel <= TOL) if predicted == "equal" else (rel > TOL)
@@ -148,20 +162,20 @@ def run(
                 "C1",
                 "MLP, digits",
                 "accumulated vs large batch",
-                n,
-                "equal",
-                eq.accumulated_gradient(net, x, y, n),
-                big,
+                n=n,
+                predicted="equal",
+                lhs=eq.accumulated_gradient(net, x, y, n),
+                rhs=big,
             )
             # C2: without the 1/N the accumulated gradient is N times too large
             add(
                 "C2",
                 "MLP, digits",
                 "loss not divided by N vs large batch",
-                n,
-                "differs",
-                eq.accumulated_gradient(net, x, y, n) * n,
-                big,
+                n=n,
+                predicted="differs",
+                lhs=eq.accumulated_gradient(net, x, y, n) * n,
+                rhs=big,
             )
             sgd = eq.OptimizerSpec("sgd", lr=0.1)
             first = steps[:1]
@@ -169,25 +183,33 @@ def run(
                 c: eq.accumulated_update(net, first, n, sgd, convention=c)
                 for c in ("sum", "loss_div_n", "large_batch", "zero_grad_every_step")
             }
-            add("C2", "MLP, SGD", "update, loss/N vs large batch", n, "equal", upd["loss_div_n"], upd["large_batch"])
+            add(
+                "C2",
+                "MLP, SGD",
+                "update, loss/N vs large batch",
+                n=n,
+                predicted="equal",
+                lhs=upd["loss_div_n"],
+                rhs=upd["large_batch"],
+            )
             add(
                 "C2",
                 "MLP, SGD",
                 "update, loss not divided vs large batch",
-                n,
-                "differs",
-                upd["sum"],
-                upd["large_batch"],
+                n=n,
+                predicted="differs",
+                lhs=upd["sum"],
+                rhs=upd["large_batch"],
             )
             # C3: zero_grad at every micro-step: the update is the last micro-batch's gradient / N
             add(
                 "C3",
                 "MLP, SGD",
                 "zero_grad every micro-step vs large batch",
-                n,
-                "differs",
-                upd["zero_grad_every_step"],
-                upd["large_batch"],
+                n=n,
+                predicted="differs",
+                lhs=upd["zero_grad_every_step"],
+                rhs=upd["large_batch"],
             )
             xs, ys = first[0]
             last = eq.accumulated_gradient(net, xs[-config.micro_batch :], ys[-config.micro_batch :], 1)
@@ -195,10 +217,10 @@ def run(
                 "C3",
                 "MLP, SGD",
                 "zero_grad every micro-step vs -lr * g_last / N",
-                n,
-                "equal",
-                upd["zero_grad_every_step"],
-                -sgd.lr * last / n,
+                n=n,
+                predicted="equal",
+                lhs=upd["zero_grad_every_step"],
+                rhs=-sgd.lr * last / n,
             )
             # C4: the model is frozen within the window -- but BatchNorm and dropout see micro-batches
             for norm, mode, predicted in (
@@ -213,10 +235,10 @@ def run(
                     "C4",
                     f"{norm} norm, {mode} mode",
                     "accumulated vs large batch",
-                    n,
-                    predicted,
-                    eq.accumulated_gradient(m, x, y, n),
-                    eq.accumulated_gradient(m, x, y, 1),
+                    n=n,
+                    predicted=predicted,
+                    lhs=eq.accumulated_gradient(m, x, y, n),
+                    rhs=eq.accumulated_gradient(m, x, y, 1),
                 )
             for kind, predicted in (("stock", "differs"), ("keyed", "equal")):
                 m = _net(None, config.hidden, seed, dropout=kind)
@@ -224,54 +246,56 @@ def run(
                     "C4",
                     f"dropout ({'torch.nn.Dropout, 2 layers' if kind == 'stock' else 'masks keyed by sample'})",
                     "accumulated vs large batch",
-                    n,
-                    predicted,
-                    eq.accumulated_gradient(m, x, y, n, seed=1),
-                    eq.accumulated_gradient(m, x, y, 1, seed=1),
+                    n=n,
+                    predicted=predicted,
+                    lhs=eq.accumulated_gradient(m, x, y, n, seed=1),
+                    rhs=eq.accumulated_gradient(m, x, y, 1, seed=1),
                 )
             # C6: lr/N vs loss/N, over several steps
-            specs: list[tuple[str, eq.OptimizerSpec, str, Callable[[eq.OptimizerSpec], eq.OptimizerSpec] | None]] = [
-                ("SGD", sgd, "equal", None),
-                ("SGD, momentum 0.9", sgd.replace(momentum=0.9), "equal", None),
-                (
+            cases = [
+                OptimizerCase("SGD", sgd, "equal", None),
+                OptimizerCase("SGD, momentum 0.9", sgd.replace(momentum=0.9), "equal", None),
+                OptimizerCase(
                     "SGD, weight decay 0.1",
                     sgd.replace(weight_decay=0.1),
                     "differs",
                     lambda s, n=n: s.replace(weight_decay=s.weight_decay * n),
                 ),
-                ("Adam", eq.OptimizerSpec("adam", lr=1e-2), "differs", None),
-                ("AdamW, weight decay 0.1", eq.OptimizerSpec("adamw", lr=1e-2, weight_decay=0.1), "differs", None),
+                OptimizerCase("Adam", eq.OptimizerSpec("adam", lr=1e-2), "differs", None),
+                OptimizerCase(
+                    "AdamW, weight decay 0.1", eq.OptimizerSpec("adamw", lr=1e-2, weight_decay=0.1), "differs", None
+                ),
             ]
-            for case, spec, predicted, fix in specs:
+            for case, spec, predicted, fix in cases:
                 ref = eq.train(net, steps, n, spec, convention="loss_div_n")
                 add(
                     "C6",
                     case,
                     "lr/N vs loss/N",
-                    n,
-                    predicted,
-                    eq.train(net, steps, n, spec, convention="lr_div_n"),
-                    ref,
+                    n=n,
+                    predicted=predicted,
+                    lhs=eq.train(net, steps, n, spec, convention="lr_div_n"),
+                    rhs=ref,
                 )
                 if fix is not None:
                     add(
                         "C6",
                         case,
                         "lr/N with weight decay x N vs loss/N",
-                        n,
-                        "equal",
-                        eq.train(net, steps, n, fix(spec), convention="lr_div_n"),
-                        ref,
+                        n=n,
+                        predicted="equal",
+                        lhs=eq.train(net, steps, n, fix(spec), convention="lr_div_n"),
+                        rhs=ref,
                     )
                 if spec.name in ("adam", "adamw"):  # what holds: Adam is invariant to the loss scale up to eps
                     add(
                         "C6",
                         case,
                         "loss not divided, eps x N vs loss/N",
-                        n,
-                        "equal",
-                        eq.train(net, steps, n, spec.replace(eps=spec.eps * n), convention="sum"),
-                        ref,
+                        n=n,
+                        predicted="equal",
+                        lhs=eq.train(net, steps, n, spec.replace(eps=spec.eps * n), convention="sum"),
+                        rhs=ref,
                     )
         # C7: token-count normalisation (variable lengths) and the partial last window
         text = make_workload("transformer", seed=seed, size="quick", warmup_steps=0)
@@ -292,19 +316,19 @@ def run(
                 "C7",
                 "variable-length text",
                 "mean of per-micro-batch token means vs large batch",
-                n,
-                "differs",
-                eq.token_gradient(tok, micro, normalisation="mean_of_means"),
-                big,
+                n=n,
+                predicted="differs",
+                lhs=eq.token_gradient(tok, micro, normalisation="mean_of_means"),
+                rhs=big,
             )
             add(
                 "C7",
                 "variable-length text",
                 "sum / global token count vs large batch",
-                n,
-                "equal",
-                eq.token_gradient(tok, micro, normalisation="global_token_mean"),
-                big,
+                n=n,
+                predicted="equal",
+                lhs=eq.token_gradient(tok, micro, normalisation="global_token_mean"),
+                rhs=big,
             )
             m = n + 1 if n > 1 else 3  # an epoch of n + 1 micro-batches: the last window holds 1 of N
             xs, ys = digits.sample(m * config.micro_batch, g)
@@ -321,55 +345,31 @@ def run(
                 "C7",
                 "partial last window (1 of N)",
                 "loss / N vs the window's large batch",
-                n,
-                "differs",
-                eq.window_gradients(net, micro_xy, n, mode="divide_by_n")[-1],
-                truth,
+                n=n,
+                predicted="differs",
+                lhs=eq.window_gradients(net, micro_xy, n, mode="divide_by_n")[-1],
+                rhs=truth,
             )
             add(
                 "C7",
                 "partial last window (1 of N)",
                 "loss / window size vs the window's large batch",
-                n,
-                "equal",
-                eq.window_gradients(net, micro_xy, n, mode="divide_by_window")[-1],
-                truth,
+                n=n,
+                predicted="equal",
+                lhs=eq.window_gradients(net, micro_xy, n, mode="divide_by_window")[-1],
+                rhs=truth,
             )
         return rows
 
     return run_tasks(
         NAME,
         out_dir,
-        [{"claims": "C1-C4,C6,C7"}],
+        [Task(claims="C1-C4,C6,C7")],
         work,
         columns=COLUMNS,
-        config=dataclasses.asdict(config),
+        config=config,
         seed=seed,
         device=device,
         shard=shard,
         progress=progress,
     )
-
-
-def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
-    """One bar per comparison (largest N): relative difference on a log scale, the 2^-40 line drawn."""
-    plt = pyplot()
-
-    rows = read_csv(Path(out_dir) / "results.csv")
-    n_max = max(int(r["n_accum"]) for r in rows)
-    sel = [r for r in rows if int(r["n_accum"]) == n_max]
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(sel) + 1.5))
-    labels = [f"{r['claim']} {r['case']}: {r['comparison']}" for r in sel]
-    vals = [max(float(r["rel_difference"]), 1e-18) for r in sel]
-    colors = ["#0072B2" if r["predicted"] == "equal" else "#D55E00" for r in sel]
-    ax.barh(range(len(sel)), vals, color=colors)
-    ax.set_xscale("log")
-    ax.axvline(TOL, color="k", linestyle=":", linewidth=1)
-    ax.set_yticks(range(len(sel)), labels, fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"max |lhs - rhs| / max |rhs| at N = {n_max} (fp64; dotted: 2^-40; 0 drawn at 1e-18)")
-    ax.set_title(
-        "Gradient accumulation vs one large batch, fp64\nblue: the maths says equal; orange: it says different",
-        fontsize=9,
-    )
-    return [save_figure(fig, fig_dir, NAME)]

@@ -64,16 +64,16 @@ a deterministic function of the config and seed (and of the torch build; on CUDA
 libraries).  The timings are measurements of this machine at this moment and differ from run to
 run; they are the one exception to ``results.csv`` holding reproducible bytes.
 
-``run`` writes ``results.csv`` + ``metadata.json`` (resumable per workload, shardable); ``plot``
-only reads them.
+``run`` writes ``results.csv`` + ``metadata.json`` (resumable per workload, shardable);
+:mod:`experiments.figures.overhead` only reads them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import gc
+import itertools
 import math
 import statistics
 import time
@@ -81,9 +81,8 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -91,9 +90,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from precision_lab import _native
 from precision_lab._threads import intra_op_threads
-from precision_lab.plotting import FORMAT_STYLES, PALETTE, STRATEGY_COLORS, pyplot, save_figure
-from precision_lab.results import read_csv
-from precision_lab.sweep import power_grid, run_tasks, stable_seed
+from precision_lab.checks import check_choice, check_choices, check_int, check_real
+from precision_lab.lab.runner import run_tasks
+from precision_lab.measure import power_grid, stable_seed
 from precision_lab.training import GradientAccumulator
 from precision_lab.workloads import MODEL_WORKLOADS, ModelWorkload, make_workload
 
@@ -128,33 +127,40 @@ COLUMNS = (
     "peak_ratio",
 )
 
-# (mode, buffer format, strategy): None = plain autograd accumulation into fp32 p.grad, which gives
-# the same bits as an fp32 naive buffer (precision_lab.training) -- the two differ only in cost.
-MODES: tuple[tuple[str, str | None, str | None], ...] = (
-    ("pytorch", None, None),
-    ("fp32-naive", "fp32", "naive"),
-    ("bf16-kahan", "bf16", "kahan"),
-    ("bf16-stochastic", "bf16", "stochastic"),
+
+class Mode(NamedTuple):
+    """An accumulation mode: plain PyTorch, or a GradientAccumulator buffer."""
+
+    name: str  # the value of the column "mode"
+    buffer_format: str | None  # the buffer's format; None: plain autograd accumulation into fp32 p.grad
+    strategy: str | None  # the buffer's strategy; None with buffer_format None
+
+
+# None = plain autograd accumulation into fp32 p.grad, which gives the same bits as an fp32 naive
+# buffer (precision_lab.training) -- the two differ only in cost.
+MODES: tuple[Mode, ...] = (
+    Mode("pytorch", None, None),
+    Mode("fp32-naive", "fp32", "naive"),
+    Mode("bf16-kahan", "bf16", "kahan"),
+    Mode("bf16-stochastic", "bf16", "stochastic"),
 )
-_MODE = {m[0]: m for m in MODES}
-_MIB = 2.0**20
-C8_TIME_RATIO = 1.17  # the quoted "about 17% more time"
+MODE_BY_NAME: dict[str, Mode] = {m.name: m for m in MODES}
 
 
 @dataclass(frozen=True)
 class Config:
     """What to time and measure.
 
-    Cost on the 2-core development machine (shared with four other jobs, so inflated), one thread:
-    ``quick()`` about 15 s; the default about 3.5 minutes (measured: 12 s and 199 s, plot 2 s).
-    The memory step at N runs N micro-batches under the tracker (5-20x slower than untimed ones).
+    Cost: ``rounds * (warmup + repeats)`` steps per (mode, N), plus one memory step per (mode, N),
+    which runs N micro-batches under the tracker (5-20x slower than untimed ones); the README has
+    measured times.
     """
 
     workloads: tuple[str, ...] = ("mlp", "transformer")  # see precision_lab.workloads
     effective_batch: tuple[int, ...] = (1024, 64)  # E per workload (digits; text windows of 64 characters)
     n_max: tuple[int, ...] = (1024, 64)  # largest N per workload (powers of two up to it; E/N >= 1 sample)
     size: str = "full"  # workload size preset ("full" or "quick")
-    modes: tuple[str, ...] = tuple(m[0] for m in MODES)  # which of MODES ("pytorch" is the baseline)
+    modes: tuple[str, ...] = tuple(m.name for m in MODES)  # which of MODES ("pytorch" is the baseline)
     threads: int | None = 1  # torch intra-op threads for every step (None: leave torch's setting)
     warmup: int = 1  # untimed steps before each timed block
     repeats: int = 3  # timed steps per block (back to back)
@@ -165,44 +171,60 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        """About 15 s on 2 cores: small models, E = 256 digits / 16 windows, N up to 64 / 16."""
+        """Seconds: small models, E = 256 digits / 16 windows, N up to 64 / 16."""
         return cls(effective_batch=(256, 16), n_max=(64, 16), size="quick", repeats=2, rounds=2)
 
     def n_values(self, effective_batch: int, n_max: int) -> list[int]:
         """1, 2, 4, ... up to ``n_max``: the powers of two that divide ``effective_batch``."""
         return [n for n in power_grid(n_max) if effective_batch % n == 0]
 
-    def tasks(self) -> list[dict[str, Any]]:
-        """One task per workload: its modes and N are timed side by side in one process."""
+    def tasks(self) -> list[Task]:
+        """One task per workload: its modes and N are timed side by side in one process.
+
+        Validates the config.  Messages name the field and its value (``"threads 0 must be ..."``).
+        """
         if not (len(self.workloads) == len(self.effective_batch) == len(self.n_max)):
             raise ValueError(
                 f"effective_batch {self.effective_batch} and n_max {self.n_max} need one entry per "
                 f"workload {self.workloads}"
             )
         for w in self.workloads:
-            if w not in MODEL_WORKLOADS:
-                raise ValueError(f"unknown workload {w!r}; known: {', '.join(map(repr, MODEL_WORKLOADS))}")
+            check_choice(w, "workload", MODEL_WORKLOADS)
         for e, n in zip(self.effective_batch, self.n_max, strict=True):
-            if isinstance(e, bool) or not isinstance(e, int) or e < 1:
-                raise ValueError(f"effective_batch {e!r} must be an integer >= 1")
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= e or n & (n - 1) or e % n:
+            check_int(e, f"effective_batch {e!r}")
+            if not _divides_as_power_of_two(n, e):
                 raise ValueError(f"n_max {n!r} must be a power of two that divides the effective batch {e}")
-        bad = [m for m in self.modes if m not in _MODE]
-        if bad or "pytorch" not in self.modes or len(set(self.modes)) != len(self.modes):
-            raise ValueError(
-                f"modes must include 'pytorch' (the baseline) and come once each from {list(_MODE)}; got {self.modes!r}"
-            )
-        if self.threads is not None and (
-            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
-        ):
-            raise ValueError(f"threads {self.threads!r} must be an integer >= 1 or None")
+        check_choices(self.modes, "modes", MODE_BY_NAME)
+        if "pytorch" not in self.modes:
+            raise ValueError(f"modes must include 'pytorch' (the baseline), got {self.modes!r}")
+        if self.threads is not None:
+            check_int(self.threads, f"threads {self.threads!r}")
         for name, low in (("warmup", 0), ("repeats", 1), ("rounds", 1)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} {v!r} must be an integer >= {low}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr {self.lr!r} must be a finite number > 0")
-        return [{"workload": w} for w in self.workloads]
+            check_int(v, f"{name} {v!r}", minimum=low)
+        check_real(self.lr, f"lr {self.lr!r}", low=0.0, high=math.inf, low_open=True, high_open=True)
+        return [
+            Task(workload=w, effective_batch=e, n_max=n)
+            for w, e, n in zip(self.workloads, self.effective_batch, self.n_max, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One workload: every mode and N of it timed side by side in one process."""
+
+    workload: str  # the workload's name (a model workload of precision_lab.workloads)
+    effective_batch: int  # E: samples per optimizer step
+    n_max: int  # the largest N (a power of two dividing E)
+
+
+def _divides_as_power_of_two(n: object, e: int) -> bool:
+    """Whether ``n`` is an integer power of two, at most ``e``, that divides ``e``."""
+    try:
+        n = check_int(n, "n_max", maximum=e)
+    except ValueError:
+        return False
+    return not n & (n - 1) and e % n == 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,13 +339,13 @@ class _Run:
     def build(
         cls, wl: ModelWorkload, mode: str, device: torch.device, *, lr: float, seed: int, count_lost: bool
     ) -> _Run:
-        _, fmt, strategy = _MODE[mode]
+        spec = MODE_BY_NAME[mode]
         model = _copy_model(wl.model, device)
         acc = None
-        if strategy is not None:
-            gen = torch.Generator(device=device).manual_seed(seed) if strategy == "stochastic" else None
+        if spec.strategy is not None:
+            gen = torch.Generator(device=device).manual_seed(seed) if spec.strategy == "stochastic" else None
             acc = GradientAccumulator(
-                model.parameters(), strategy=strategy, fmt=fmt, generator=gen, count_lost=count_lost
+                model.parameters(), strategy=spec.strategy, fmt=spec.buffer_format, generator=gen, count_lost=count_lost
             )
         return cls(model, wl.loss_fn, torch.optim.Adam(model.parameters(), lr=lr), acc, device)
 
@@ -453,15 +475,15 @@ def run(
         raise ValueError(f"device {device!r}; known: 'cpu', 'cuda'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
-    batch = {w: (e, m) for w, e, m in zip(config.workloads, config.effective_batch, config.n_max, strict=True)}
 
-    def work(task: dict[str, Any]) -> list[dict[str, Any]]:
+    def work(task: Task) -> list[dict[str, Any]]:
         with intra_op_threads(config.threads), _native_kernels(config.native):
-            return measure(task["workload"])
+            return measure(task)
 
-    def measure(w: str) -> list[dict[str, Any]]:
-        e, n_max = batch[w]
-        grid = config.n_values(e, n_max)
+    def measure(task: Task) -> list[dict[str, Any]]:
+        w, e = task.workload, task.effective_batch
+        grid = config.n_values(e, task.n_max)
+        cells = list(itertools.product(config.modes, grid))  # every (mode, N), mode-major
         wl = make_workload(w, seed=seed, size=config.size, warmup_steps=0)
         data_seed = stable_seed(seed, w, "data")
         x, y = wl.sample(e, torch.Generator().manual_seed(data_seed))  # the host batch, the same for every step
@@ -469,56 +491,53 @@ def run(
             m: _Run.build(wl, m, dev, lr=config.lr, seed=stable_seed(seed, w, m), count_lost=config.count_lost)
             for m in config.modes
         }
-        times: dict[tuple[str, int], list[float]] = {(m, n): [] for m in config.modes for n in grid}
+        times: dict[tuple[str, int], list[float]] = {cell: [] for cell in cells}
         for _ in range(config.rounds):
-            for m in config.modes:
-                for n in grid:
-                    for _ in range(config.warmup):
-                        runs[m].step(x, y, n)
-                    times[m, n] += [_timed_step(runs[m], x, y, n) for _ in range(config.repeats)]
+            for m, n in cells:
+                for _ in range(config.warmup):
+                    runs[m].step(x, y, n)
+                times[m, n] += [_timed_step(runs[m], x, y, n) for _ in range(config.repeats)]
         for r in runs.values():
             r.close()
         del runs
         gc.collect()
-        memory = {
-            (m, n): measure_memory(
-                wl, m, x, y, n, device=dev, lr=config.lr, seed=stable_seed(seed, w, m), count_lost=config.count_lost
+        memory: dict[tuple[str, int], dict[str, int]] = {}
+        for m, n in cells:
+            run_seed = stable_seed(seed, w, m)
+            memory[m, n] = measure_memory(
+                wl, m, x, y, n, device=dev, lr=config.lr, seed=run_seed, count_lost=config.count_lost
             )
-            for m in config.modes
-            for n in grid
-        }
         median = {k: statistics.median(v) for k, v in times.items()}
         rows = []
-        for m in config.modes:
-            _, fmt, strategy = _MODE[m]
-            for n in grid:
-                q1, _, q3 = _quartiles(times[m, n])
-                mem = memory[m, n]
-                rows.append(
-                    {
-                        "experiment": NAME,
-                        "workload": w,
-                        "mode": m,
-                        "buffer_format": fmt or "fp32",
-                        "strategy": strategy or "naive",
-                        "device": str(dev),
-                        "threads": torch.get_num_threads(),
-                        "n_accum": n,
-                        "micro_batch": e // n,
-                        "effective_batch": e,
-                        "seed": data_seed,
-                        "repeats": len(times[m, n]),
-                        "time_median_s": median[m, n],
-                        "time_min_s": min(times[m, n]),
-                        "time_q1_s": q1,
-                        "time_q3_s": q3,
-                        "time_iqr_s": q3 - q1,
-                        "time_ratio": median[m, n] / median[m, 1],
-                        "time_vs_pytorch": median[m, n] / median["pytorch", n],
-                        **mem,
-                        "peak_ratio": mem["peak_bytes"] / memory[m, 1]["peak_bytes"],
-                    }
-                )
+        for m, n in cells:
+            spec = MODE_BY_NAME[m]
+            q1, _, q3 = _quartiles(times[m, n])
+            mem = memory[m, n]
+            rows.append(
+                {
+                    "experiment": NAME,
+                    "workload": w,
+                    "mode": m,
+                    "buffer_format": spec.buffer_format or "fp32",
+                    "strategy": spec.strategy or "naive",
+                    "device": str(dev),
+                    "threads": torch.get_num_threads(),
+                    "n_accum": n,
+                    "micro_batch": e // n,
+                    "effective_batch": e,
+                    "seed": data_seed,
+                    "repeats": len(times[m, n]),
+                    "time_median_s": median[m, n],
+                    "time_min_s": min(times[m, n]),
+                    "time_q1_s": q1,
+                    "time_q3_s": q3,
+                    "time_iqr_s": q3 - q1,
+                    "time_ratio": median[m, n] / median[m, 1],
+                    "time_vs_pytorch": median[m, n] / median["pytorch", n],
+                    **mem,
+                    "peak_ratio": mem["peak_bytes"] / memory[m, 1]["peak_bytes"],
+                }
+            )
         return rows
 
     return run_tasks(
@@ -527,94 +546,9 @@ def run(
         tasks,
         work,
         columns=COLUMNS,
-        config=dataclasses.asdict(config),
+        config=config,
         seed=seed,
         device=device,
         shard=shard,
         progress=progress,
     )
-
-
-def _mode_style(mode: str) -> dict[str, Any]:
-    _, fmt, strategy = _MODE[mode]
-    if strategy is None:
-        return {"color": PALETTE["black"], "linestyle": "-", "marker": "o"}
-    marker = {"naive": "s", "kahan": "^", "stochastic": "v"}.get(strategy, "D")
-    return {"color": STRATEGY_COLORS[strategy], "linestyle": FORMAT_STYLES[fmt], "marker": marker}
-
-
-def _label(mode: str) -> str:
-    return "PyTorch p.grad (fp32)" if mode == "pytorch" else f"GradientAccumulator {mode.replace('-', ' ')}"
-
-
-def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
-    """Per workload: time ratio vs N = 1, peak memory, and the buffers' overhead over PyTorch, vs N."""
-    plt = pyplot()
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    rows = read_csv(Path(out_dir) / "results.csv")
-    workloads = [w for w in MODEL_WORKLOADS if any(r["workload"] == w for r in rows)]
-    modes = [m[0] for m in MODES if any(r["mode"] == m[0] for r in rows)]
-    fig = plt.figure(figsize=(5.4 * len(workloads), 12))
-    grid = fig.add_gridspec(4, len(workloads), height_ratios=(1, 1, 1, 0.16))
-    axes = np.array([[fig.add_subplot(grid[i, j]) for j in range(len(workloads))] for i in range(3)])
-    for j, w in enumerate(workloads):
-        mine = [r for r in rows if r["workload"] == w]
-        e = int(mine[0]["effective_batch"])
-        base = next(r for r in mine if r["mode"] == "pytorch" and r["n_accum"] == "1")
-        for m in modes:
-            cur = sorted((r for r in mine if r["mode"] == m), key=lambda r: int(r["n_accum"]))
-            n = [int(r["n_accum"]) for r in cur]
-            t1 = float(next(r for r in cur if r["n_accum"] == "1")["time_median_s"])
-            kw = {**_mode_style(m), "markersize": 4, "label": _label(m)}
-            ratio = [float(r["time_ratio"]) for r in cur]
-            lo = [max(ratio[i] - float(r["time_q1_s"]) / t1, 0.0) for i, r in enumerate(cur)]
-            hi = [max(float(r["time_q3_s"]) / t1 - ratio[i], 0.0) for i, r in enumerate(cur)]
-            axes[0, j].errorbar(n, ratio, yerr=[lo, hi], capsize=2, **kw)
-            axes[1, j].plot(n, [float(r["peak_bytes"]) / _MIB for r in cur], **kw)
-            axes[1, j].axhline(float(cur[0]["static_bytes"]) / _MIB, color=kw["color"], linestyle=":", linewidth=0.9)
-            axes[2, j].plot(n, [float(r["time_vs_pytorch"]) for r in cur], **kw)
-        axes[0, j].axhline(C8_TIME_RATIO, color=PALETTE["purple"], linestyle="--", linewidth=1.0)
-        axes[0, j].axhline(1.0, color="0.5", linewidth=0.8)
-        axes[2, j].axhline(1.0, color="0.5", linewidth=0.8)
-        t_ms = 1e3 * float(base["time_median_s"])
-        axes[0, j].set_title(
-            f"{w}: time per step of E = {e} samples vs N = 1\n(PyTorch at N = 1: {t_ms:.3g} ms)", fontsize=10
-        )
-        axes[0, j].set_ylabel("median time(N) / median time(N = 1)")
-        axes[1, j].set_title(
-            f"{w}: peak memory of one step\n(PyTorch at N = 1: {float(base['peak_bytes']) / _MIB:.3g} MiB)", fontsize=10
-        )
-        axes[1, j].set_ylabel("peak memory (MiB)")
-        axes[2, j].set_title(f"{w}: cost of the buffer over PyTorch at the same N", fontsize=10)
-        axes[2, j].set_ylabel("median time / PyTorch's median time")
-        for i in range(3):
-            ax = axes[i, j]
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(plain)
-            ax.set_xlabel(f"accumulation count N (micro-batches of E/N = {e}/N samples)")
-        for i in (0, 1):
-            axes[i, j].set_yscale("log")
-            axes[i, j].yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
-            axes[i, j].yaxis.set_major_formatter(plain)
-            axes[i, j].yaxis.set_minor_formatter(NullFormatter())
-    handles = [Line2D([], [], **{**_mode_style(m), "markersize": 4}, label=_label(m)) for m in modes]
-    handles += [
-        Line2D([], [], color=PALETTE["purple"], linestyle="--", label="+17% time (the quoted overhead, C8)"),
-        Line2D(
-            [], [], color="0.3", linestyle=":", label="memory held between steps (mode's colour; equal ones overlap)"
-        ),
-    ]
-    legend = fig.add_subplot(grid[3, :])  # a row of its own: the legend covers no data
-    legend.axis("off")
-    legend.legend(handles=handles, loc="center", ncol=3, fontsize=8, frameon=False)
-    device, threads = rows[0]["device"], rows[0]["threads"]
-    fig.suptitle(
-        f"Gradient accumulation at a fixed effective batch: wall time and peak memory vs N\n"
-        f"({device}, {threads} thread{'s' if threads != '1' else ''}; median and quartiles of "
-        f"{rows[0]['repeats']} timed steps)",
-        fontsize=11,
-    )
-    return [save_figure(fig, fig_dir, NAME)]

@@ -17,7 +17,7 @@ Streams (mean / spread is the per-element signal-to-noise ratio of one micro-gra
 * ``sparse``: as ``low_snr``, each entry nonzero with probability 0.1 (scaled by 1/0.1).
 
 The streams come from :func:`precision_lab.workloads.make_stream`; each (stream, trial) has its own
-seeded generator (:func:`~precision_lab.sweep.stable_seed`), so every format sees the same fp64 draws.
+seeded generator (:func:`~precision_lab.measure.stable_seed`), so every format sees the same fp64 draws.
 
 Bounds on the relative L2 error.  For one entry j, recursive summation and its variants satisfy
 ``|E_j| <= c(n, u) A_j`` with ``A_j = sum_i |x_ij|`` (the ``abs_sum`` of :mod:`precision_lab.theory`),
@@ -65,40 +65,51 @@ times smaller than the sum).  Pairwise buffers are one per stream and count thei
 any merge of the cascade).  The tests check these counts against one Accumulator per stream.
 
 Computing and plotting are separate: ``run`` writes ``results.csv`` + ``metadata.json`` (resumable,
-shardable: one task per trial x format); ``plot`` only reads them and draws ``summation.png`` (bf16 and
-fp16, every bound of bf16, lost updates) and ``summation_formats.png`` (every format).
+shardable: one task per trial x format); :mod:`experiments.figures.summation` only reads them and draws
+``summation.png`` (bf16 and fp16, every bound of bf16, lost updates) and ``summation_formats.png``
+(every format).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import itertools
 import math
-import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from precision_lab import Accumulator, get_format, metrics, round_nearest, theory
 from precision_lab.accumulators import work_dtype
+from precision_lab.checks import check_choices, check_format, check_int, check_real
 from precision_lab.formats import Format
-from precision_lab.plotting import FORMAT_STYLES, STRATEGY_COLORS, buffer_style, pyplot, save_figure
-from precision_lab.results import read_csv
-from precision_lab.sweep import power_grid, run_tasks, stable_seed
+from precision_lab.lab.runner import run_tasks
+from precision_lab.measure import power_grid, stable_seed
+from precision_lab.strategies import absorbed
 from precision_lab.workloads import make_stream
 
 NAME = "summation"
-STRATEGIES: tuple[str, ...] = ("naive", "kahan", "stochastic", "pairwise")  # "exact" is the reference
-#: stream name -> (workload kind, parameters); the signal of "positive" is +mean everywhere (no signs)
-STREAMS: dict[str, tuple[str, dict[str, float]]] = {
-    "constant": ("constant", {}),
-    "positive": ("gaussian", {"mean": 1.0, "spread": 0.25}),
-    "low_snr": ("gaussian", {"mean": 0.05, "spread": 1.0}),
-    "student_t": ("student_t", {"mean": 0.05, "spread": 1.0, "df": 3.0}),
-    "sparse": ("sparse", {"mean": 0.05, "spread": 1.0, "density": 0.1}),
+#: the strategies swept (the library's STRATEGIES less "exact", which is the reference)
+SWEPT_STRATEGIES: tuple[str, ...] = ("naive", "kahan", "stochastic", "pairwise")
+
+
+class StreamLaw(NamedTuple):
+    """How one synthetic stream is drawn."""
+
+    kind: str  # the stream kind of precision_lab.workloads.make_stream ("constant": every addend 1)
+    params: dict[str, float]  # its parameters (mean, spread, df, density)
+
+
+#: stream name -> its law; the signal of "positive" is +mean everywhere (no signs)
+STREAMS: dict[str, StreamLaw] = {
+    "constant": StreamLaw("constant", {}),
+    "positive": StreamLaw("gaussian", {"mean": 1.0, "spread": 0.25}),
+    "low_snr": StreamLaw("gaussian", {"mean": 0.05, "spread": 1.0}),
+    "student_t": StreamLaw("student_t", {"mean": 0.05, "spread": 1.0, "df": 3.0}),
+    "sparse": StreamLaw("sparse", {"mean": 0.05, "spread": 1.0, "density": 0.1}),
 }
 BOUND_COLUMNS = (
     "sum_condition",
@@ -129,20 +140,18 @@ COLUMNS = (
 class Config:
     """What to sweep.
 
-    Cost (CPU seconds of one process, ``torch.set_num_threads(1)``, on a 2-core machine shared with 4
-    other jobs, ``PRECISION_LAB_NATIVE=0``): ``quick()`` 16 s (17.5 s wall); the full config is 6 tasks
-    (one per format) of 65,536 adds, timed at n_max = 2^12 (17.5 s) and 2^14 (70.9 s: linear in N),
-    so about 285 s (4.8 min) in all.  One add is one call per strategy for all streams at once, plus
-    one pairwise buffer per stream, so ``elements`` costs little and ``n_max``, ``formats``, ``streams``
+    Cost: the full config is 6 tasks (one per format) of 65,536 adds; the time is linear in N (the
+    README has measured times).  One add is one call per strategy for all streams at once, plus one
+    pairwise buffer per stream, so ``elements`` costs little and ``n_max``, ``formats``, ``streams``
     and ``trials`` set the time; per add, tf32 costs ~3x bf16 and fp8 ~1.5x (rounding emulated).
     Memory: a trial's draws are kept for all its formats (n_max x streams x elements fp64, 0.54 GB
     for the full config).  With the numba kernels on (the default), bf16 stochastic rounding of
     these small buffers goes through the compiled kernel whatever its size (``rounding._finish_sr_bf16``),
-    whose per-call overhead makes the quick run 44 s instead of 16 s (the same bytes).
+    whose per-call overhead makes the quick run several times slower (the same bytes).
     """
 
     formats: tuple[str, ...] = ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "tf32", "fp32")  # buffer formats
-    strategies: tuple[str, ...] = STRATEGIES  # accumulation strategies ("exact" is always the reference)
+    strategies: tuple[str, ...] = SWEPT_STRATEGIES  # accumulation strategies ("exact" is always the reference)
     streams: tuple[str, ...] = ("constant", "positive", "low_snr", "student_t")  # see STREAMS
     n_max: int = 2**16  # largest accumulation count N; every power of two up to it is recorded
     elements: int = 256  # gradient entries per micro-gradient, per stream (each an independent scalar stream)
@@ -150,38 +159,37 @@ class Config:
     lam: float = 8.0  # lambda of the probabilistic bounds (their confidence is recorded per row)
 
     def __post_init__(self) -> None:
-        for name in ("formats", "strategies", "streams"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple) or len(set(value)) != len(value):
-                raise ValueError(f"{name} must be a tuple without repeats, got {value!r}")
+        # formats: any format name (custom eXmY ones too), so no fixed list to choose from
+        if not isinstance(self.formats, tuple) or len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"formats must be a tuple without repeats, got {self.formats!r}")
         for f in self.formats:
-            get_format(f)  # ValueError naming the unknown format
-        bad = [s for s in self.strategies if s not in STRATEGIES]
-        if bad:
-            raise ValueError(f"unknown strategy {bad[0]!r}; known: {', '.join(STRATEGIES)} (exact is the reference)")
-        bad = [s for s in self.streams if s not in STREAMS]
-        if bad or not self.streams:
-            raise ValueError(f"unknown stream {(bad or [None])[0]!r} in {self.streams!r}; known: {', '.join(STREAMS)}")
+            check_format(f)  # ValueError naming the unknown format
+        check_choices(self.strategies, "strategies", SWEPT_STRATEGIES, empty=True)  # "exact" is the reference
+        check_choices(self.streams, "streams", STREAMS)
         for name in ("n_max", "elements", "trials"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        lam = self.lam
-        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not 0 < lam < math.inf:
-            raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+            check_int(getattr(self, name), name)
+        check_real(self.lam, "lam", low=0.0, high=math.inf, low_open=True, high_open=True)
 
     @classmethod
     def quick(cls) -> Config:
-        """N up to 2^12 (fp16's stall at 2048 included), every format but fp32: 16 s on one core."""
+        """N up to 2^12 (fp16's stall at 2048 included), every format but fp32."""
         return cls(formats=("bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "tf32"), n_max=2**12)
 
-    def tasks(self) -> list[dict[str, Any]]:
+    def tasks(self) -> list[Task]:
         """One task per (trial, format); all streams and strategies share its pass over N.
 
         Trial-major order, so that a process (or shard) runs the formats of one trial in a row and
         draws the trial's streams once.
         """
-        return [{"trial": t, "buffer_format": f} for t in range(self.trials) for f in self.formats]
+        return [Task(trial=t, buffer_format=f) for t in range(self.trials) for f in self.formats]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One (trial, buffer format): every stream and strategy in one pass over N."""
+
+    trial: int  # index of the independent draw of every stream
+    buffer_format: str  # the buffers' format (a name as given in Config.formats)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,15 +202,16 @@ def data_seed(seed: int, stream: str, trial: int) -> int:
 
 def stream_chunks(stream: str, elements: int, n_max: int, seed: int, chunk: int = 256) -> Iterator[torch.Tensor]:
     """The fp64 micro-gradients of one stream, ``n_max`` rows in all, in chunks of ``chunk`` rows."""
-    kind, params = STREAMS[stream]
-    if kind == "constant":
+    law = STREAMS[stream]
+    if law.kind == "constant":
         for lo in range(0, n_max, chunk):
             yield torch.ones(min(chunk, n_max - lo), elements, dtype=torch.float64)
         return
     gen = torch.Generator().manual_seed(seed)
-    s = make_stream(kind, elements, **params)
+    s = make_stream(law.kind, elements, **law.params)
     # "positive": every entry's mean is +mean (no random signs), so all addends share one sign
-    signal = torch.full((elements,), params["mean"], dtype=torch.float64) if stream == "positive" else s.signal(gen)
+    positive = stream == "positive"
+    signal = torch.full((elements,), law.params["mean"], dtype=torch.float64) if positive else s.signal(gen)
     for lo in range(0, n_max, chunk):
         yield s.sample(min(chunk, n_max - lo), signal, gen)
 
@@ -221,32 +230,39 @@ def _norm(x: torch.Tensor) -> float:
     return math.sqrt(math.fsum(v * v for v in x.tolist()))
 
 
-def coefficients(strategy: str, n: int, u: float, lam: float) -> dict[str, tuple[float, float, float]]:
-    """Per-entry bound coefficients ``c(n, u)`` (theory at abs_sum = 1): name -> (c, Q, headroom).
+class Coefficient(NamedTuple):
+    """A per-entry bound coefficient and the conditions of its claim."""
 
-    ``Q`` is the per-entry probability (1 for deterministic bounds), ``headroom`` the factor by which
-    ``(1 + c) max A`` must stay below the format's max (2 for Kahan's intermediates).
+    c: float  # the coefficient c(n, u): the theory function at abs_sum = 1
+    probability: float  # Q, the per-entry probability that it holds (1 for deterministic bounds)
+    headroom: float  # the factor by which (1 + c) max A must stay below the format's max (2: Kahan)
+
+
+def coefficients(strategy: str, n: int, u: float, lam: float) -> dict[str, Coefficient]:
+    """Per-entry bound coefficients ``c(n, u)`` of one strategy: bound name -> :class:`Coefficient`.
+
+    The names are those of the columns ``bound_<name>``: ``worst_case``, ``probabilistic`` and
+    ``strategy`` (the strategy's own bound).
     """
-    worst = theory.recursive_sum_bound(n, u, 1.0)
-    own = {
-        "naive": (worst, 1.0, 1.0),
-        "kahan": (theory.kahan_sum_bound(n, u, 1.0), 1.0, 2.0),
-        "pairwise": (theory.pairwise_sum_bound(n, u, 1.0), 1.0, 1.0),
-        "stochastic": (
+    worst = Coefficient(theory.recursive_sum_bound(n, u, 1.0), 1.0, 1.0)
+    if strategy == "naive":
+        own = worst
+    elif strategy == "kahan":
+        own = Coefficient(theory.kahan_sum_bound(n, u, 1.0), 1.0, 2.0)  # headroom for x + e and u - s
+    elif strategy == "pairwise":
+        own = Coefficient(theory.pairwise_sum_bound(n, u, 1.0), 1.0, 1.0)
+    elif strategy == "stochastic":
+        own = Coefficient(
             theory.stochastic_rounding_sum_bound(n, u, 1.0, lam),
             theory.stochastic_rounding_bound_probability(n, u, lam),
             1.0,
-        ),
-    }[strategy]
-    return {
-        "worst_case": (worst, 1.0, 1.0),
-        "probabilistic": (
-            theory.probabilistic_sum_bound(n, u, 1.0, lam),
-            theory.probabilistic_bound_probability(n, u, lam),
-            1.0,
-        ),
-        "strategy": own,
-    }
+        )
+    else:
+        raise KeyError(strategy)
+    probabilistic = Coefficient(
+        theory.probabilistic_sum_bound(n, u, 1.0, lam), theory.probabilistic_bound_probability(n, u, lam), 1.0
+    )
+    return {"worst_case": worst, "probabilistic": probabilistic, "strategy": own}
 
 
 def relative_bound(
@@ -268,9 +284,17 @@ def confidence(q: float, elements: int) -> float:
 # --------------------------------------------------------------------------------------------------
 # the sweep
 # --------------------------------------------------------------------------------------------------
-def _unchanged(now: torch.Tensor, before: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """Element-adds that left a stored number unchanged (the Accumulator's lost-update test)."""
-    return (now == before) & live & torch.isfinite(before)
+@dataclass
+class _TaskBuffers:
+    """The buffers of one (format, trial) task and what its rows carry besides their values."""
+
+    config: Config  # the sweep (streams, elements, strategies, lam)
+    fmt: Format  # the buffers' format
+    trial: int  # the trial index
+    seeds: dict[str, int]  # stream -> the seed of its draws (column "seed")
+    wide: dict[str, Accumulator]  # strategy -> one buffer over all streams side by side (all but pairwise)
+    pair: list[Accumulator]  # one pairwise buffer per stream (empty when pairwise is not swept)
+    lost: dict[str, torch.Tensor]  # strategy -> lost updates so far of each stream's block of its wide buffer
 
 
 def measure_task(
@@ -285,30 +309,32 @@ def measure_task(
     streams, m = config.streams, config.elements
     blocks, width = len(streams), len(streams) * config.elements
     record = set(power_grid(config.n_max))
-    seeds = {s: data_seed(seed, s, trial) for s in streams}
     chunks = draw(config, seed, trial) if chunks is None else chunks
     # One wide buffer per strategy over all streams (count_lost=False: counted per stream below) ...
-    wide = {
-        s: Accumulator(
-            s,
-            fmt,
-            (width,),
-            device=device,
-            count_lost=False,
-            generator=torch.Generator(device=device).manual_seed(stable_seed(seed, NAME, fmt.name, s, trial)),
-        )
-        for s in config.strategies
-        if s != "pairwise"
-    }
+    wide: dict[str, Accumulator] = {}
+    for s in config.strategies:
+        if s == "pairwise":
+            continue
+        generator = torch.Generator(device=device).manual_seed(stable_seed(seed, NAME, fmt.name, s, trial))
+        wide[s] = Accumulator(s, fmt, (width,), device=device, count_lost=False, generator=generator)
     # ... except pairwise, whose lost updates (absorption inside the cascade) only the buffer counts.
     pair = (
         [Accumulator("pairwise", fmt, (m,), device=device) for _ in streams] if "pairwise" in config.strategies else []
+    )
+    buffers = _TaskBuffers(
+        config=config,
+        fmt=fmt,
+        trial=trial,
+        seeds={s: data_seed(seed, s, trial) for s in streams},
+        wide=wide,
+        pair=pair,
+        lost={s: torch.zeros(blocks, dtype=torch.int64, device=device) for s in wide},
     )
     # The reference: the exact sums of the rounded addends and of their magnitudes, side by side.
     exact = Accumulator("exact", "fp64", (2 * width,), device=device)
     before = {s: acc.raw_sum() for s, acc in wide.items()}
     readout = {"kahan": wide["kahan"].value()} if "kahan" in wide else {}
-    lost = {s: torch.zeros(blocks, dtype=torch.int64, device=device) for s in wide}
+    lost = buffers.lost
     bad_before = torch.zeros(blocks, dtype=torch.int64, device=device)  # non-finite addends of earlier chunks
     dtype = work_dtype(fmt)
     rows: list[dict[str, Any]] = []
@@ -316,7 +342,6 @@ def measure_task(
     for chunk in chunks:
         x = round_nearest(chunk.to(device), fmt)  # input quantisation, once for all buffers
         finite = torch.isfinite(x)
-        live = finite & (x != 0)  # the addends whose loss counts
         bad = bad_before + (~finite).view(x.shape[0], blocks, m).sum(dim=2).cumsum(dim=0)  # up to each row
         x_ref = torch.where(finite, x, 0.0)  # a non-finite addend voids its block's bounds (nonfinite_inputs)
         both = torch.cat([x_ref, x_ref.abs()], dim=1)
@@ -327,7 +352,7 @@ def measure_task(
             for s, acc in wide.items():
                 acc.add(x_work[i])
                 now = acc.raw_sum()
-                gone = _unchanged(now, before[s], live[i])
+                gone = absorbed(now, before[s], x_work[i])  # the library's one lost-update test
                 if s == "kahan":  # s and c both unchanged: s and the read-out s - c unchanged
                     out = acc.value()
                     gone &= out == readout[s]
@@ -337,29 +362,24 @@ def measure_task(
             for b, acc in enumerate(pair):
                 acc.add(x_work[i, b * m : (b + 1) * m])
             if n in record:
-                rows += _measure(config, fmt, trial, seeds, n, exact.value(), wide, pair, lost, bad[i])
+                rows += _measure(buffers, n, exact.value(), bad[i])
         bad_before = bad[-1]
-    order = {(s, g): k for k, (s, g) in enumerate((s, g) for s in streams for g in config.strategies)}
+    # rows in (stream, strategy) order, then by N
+    order = {key: k for k, key in enumerate(itertools.product(streams, config.strategies))}
     rows.sort(key=lambda r: (order[(r["stream"], r["strategy"])], r["n_accum"]))
     return rows
 
 
-def _measure(
-    config: Config,
-    fmt: Format,
-    trial: int,
-    seeds: dict[str, int],
-    n: int,
-    both: torch.Tensor,
-    wide: dict[str, Accumulator],
-    pair: list[Accumulator],
-    lost: dict[str, torch.Tensor],
-    bad_inputs: torch.Tensor,
-) -> list[dict[str, Any]]:
-    """The rows of every (stream, strategy) at accumulation count ``n``."""
+def _measure(buffers: _TaskBuffers, n: int, both: torch.Tensor, bad_inputs: torch.Tensor) -> list[dict[str, Any]]:
+    """The rows of every (stream, strategy) at accumulation count ``n``.
+
+    ``both`` is the exact reference: the sums of the addends and of their magnitudes side by side;
+    ``bad_inputs`` the non-finite addends of each stream so far.
+    """
+    config, fmt = buffers.config, buffers.fmt
     m, width = config.elements, len(config.streams) * config.elements
     ref_all, abs_all = both[:width], both[width:]
-    values = {s: acc.value() for s, acc in wide.items()}
+    values = {s: acc.value() for s, acc in buffers.wide.items()}
     u = fmt.unit_roundoff
     coeffs = {s: coefficients(s, n, u, config.lam) for s in config.strategies}
     rows = []
@@ -372,10 +392,10 @@ def _measure(
         stall = theory.stagnation_count(fmt, 1.0) if stream == "constant" else ""
         for strategy in config.strategies:
             if strategy == "pairwise":
-                acc = pair[b]
+                acc = buffers.pair[b]
                 value, lost_here = acc.value(), acc.lost_updates
             else:
-                value, lost_here = values[strategy][block], int(lost[strategy][b])
+                value, lost_here = values[strategy][block], int(buffers.lost[strategy][b])
             row = {
                 "experiment": NAME,
                 "stream": stream,
@@ -383,18 +403,18 @@ def _measure(
                 "strategy": strategy,
                 "n_accum": n,
                 "elements": m,
-                "trial": trial,
-                "seed": seeds[stream],
+                "trial": buffers.trial,
+                "seed": buffers.seeds[stream],
                 "nonfinite_inputs": bad,
                 "predicted_stall": stall,
                 "sum_condition": kappa,
                 "lam": config.lam,
                 **metrics.compare(value, ref, fmt, lost_updates=lost_here, element_adds=n * m),
             }
-            for name, (c, q, headroom) in coeffs[strategy].items():
-                row[f"bound_{name}"] = relative_bound(c, headroom, fmt, norm_abs, norm_sum, max_abs, bad)
+            for name, coeff in coeffs[strategy].items():
+                row[f"bound_{name}"] = relative_bound(coeff.c, coeff.headroom, fmt, norm_abs, norm_sum, max_abs, bad)
                 if name != "worst_case":
-                    row[f"bound_{name}_confidence"] = confidence(q, m)
+                    row[f"bound_{name}_confidence"] = confidence(coeff.probability, m)
             rows.append(row)
     return rows
 
@@ -414,8 +434,8 @@ def run(
     def draws(trial: int) -> list[torch.Tensor]:
         return draw(config, seed, trial)
 
-    def work(task: dict[str, Any]) -> list[dict[str, Any]]:
-        return measure_task(config, task["buffer_format"], task["trial"], seed, device, draws(task["trial"]))
+    def work(task: Task) -> list[dict[str, Any]]:
+        return measure_task(config, task.buffer_format, task.trial, seed, device, draws(task.trial))
 
     return run_tasks(
         NAME,
@@ -423,231 +443,9 @@ def run(
         config.tasks(),
         work,
         columns=COLUMNS,
-        config=dataclasses.asdict(config),
+        config=config,
         seed=seed,
         device=device,
         shard=shard,
         progress=progress,
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# figures
-# --------------------------------------------------------------------------------------------------
-#: the bounds drawn (relative: coefficient times kappa): label -> (strategy whose rows hold it, column, grey, marker)
-BOUND_LINES: dict[str, tuple[str, str, str, str]] = {
-    r"worst case $\gamma_{N-1}$ (naive; rigorous)": ("naive", "bound_worst_case", "#000000", "^"),
-    r"$\tilde\gamma_{N-1}(\lambda) \approx \lambda\sqrt{N}u$ (HM19)": ("naive", "bound_probabilistic", "#888888", "s"),
-    r"Kahan $3u + O(Nu^2)$ (rigorous)": ("kahan", "bound_strategy", "#000000", "D"),
-    r"pairwise $\gamma_{\lceil \log_2 N \rceil}$ (rigorous)": ("pairwise", "bound_strategy", "#888888", "o"),
-    r"SR $\approx 2\lambda\sqrt{N}u$ (CHM21 theorem)": ("stochastic", "bound_strategy", "#000000", "v"),
-}
-_OVERFLOW_MARK = {"marker": "x", "markersize": 5, "linestyle": "none"}
-_TOP = 1000.0  # top of the error axes: errors and bounds stop at 10, the band above holds the overflow marks
-_N_FROM = 2  # N = 1 is a single addend, exact in every strategy: not drawn
-
-
-def _series(rows: list[dict[str, str]], column: str) -> tuple[list[int], list[float]]:
-    """(N, trial mean of ``column``) for N >= 2, sorted; a non-finite trial makes the mean inf."""
-    by_n: dict[int, list[float]] = {}
-    for r in rows:
-        if int(r["n_accum"]) >= _N_FROM:
-            by_n.setdefault(int(r["n_accum"]), []).append(float(r[column]))
-    ns = sorted(by_n)
-    means = [math.fsum(by_n[n]) / len(by_n[n]) if all(map(math.isfinite, by_n[n])) else math.inf for n in ns]
-    return ns, means
-
-
-def _floor(values: list[float]) -> float:
-    """A power of ten below every positive finite value: where errors of exactly 0 are drawn."""
-    positive = [v for v in values if 0 < v < math.inf]
-    return 10.0 ** (math.floor(math.log10(min(positive))) - 1) if positive else 1e-12
-
-
-def _error_curve(
-    ax: Any, ns: list[int], errs: list[float], floor: float, style: dict[str, Any], slot: tuple[int, int]
-) -> None:
-    """Log-log error curve: 0 drawn at ``floor``; non-finite (overflowed) points as x in the band above 10.
-
-    ``slot = (k, of)``: the curve is the k-th of ``of`` in its panel; their x marks are stacked in the
-    band (10, _TOP) so that none hides another.
-    """
-    ax.loglog(ns, [max(e, floor) if math.isfinite(e) else math.nan for e in errs], **style)
-    bad = [n for n, e in zip(ns, errs, strict=True) if not math.isfinite(e)]
-    if bad:
-        hi, lo = _TOP / 1.6, 16.0
-        y = hi * (lo / hi) ** (slot[0] / max(1, slot[1] - 1))
-        ax.plot(bad, [y] * len(bad), color=style["color"], **_OVERFLOW_MARK)
-
-
-def _bound_curve(ax: Any, rows: list[dict[str, str]], label: str, size: float = 3.0) -> None:
-    """One bound of BOUND_LINES (trial mean), where it is finite and positive (void bounds are inf)."""
-    strategy, column, grey, marker = BOUND_LINES[label]
-    # relative bounds above 10 say nothing; void ones are inf, and 0 (N = 1) is not drawn
-    pts = [
-        (n, b)
-        for n, b in zip(*_series([r for r in rows if r["strategy"] == strategy], column), strict=True)
-        if 0 < b <= 10.0
-    ]
-    if pts:
-        ax.loglog(*zip(*pts, strict=True), color=grey, marker=marker, markersize=size, linewidth=0.7, label=label)
-
-
-def _select(rows: list[dict[str, str]], **match: str) -> list[dict[str, str]]:
-    return [r for r in rows if all(r[k] == v for k, v in match.items())]
-
-
-def _describe(stream: str) -> str:
-    """The stream's law in a few words, for panel titles."""
-    kind, params = STREAMS[stream]
-    if kind == "constant":
-        return "every addend 1"
-    sign = "+" if stream == "positive" else "\u00b1"  # positive: all means +; else random signs
-    extra = {"student_t": f", df {params.get('df', 0):g}", "sparse": f", density {params.get('density', 0):g}"}
-    return f"{kind}, mean {sign}{params['mean']:g}, spread {params['spread']:g}{extra.get(kind, '')}"
-
-
-def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
-    """``summation.png`` (bf16/fp16, every bound of bf16, lost updates) and ``summation_formats.png`` (all formats)."""
-    plt = pyplot()
-    from matplotlib.lines import Line2D
-
-    rows = read_csv(Path(out_dir) / "results.csv")
-    streams = [s for s in STREAMS if any(r["stream"] == s for r in rows)]
-    present = {r["buffer_format"] for r in rows}
-    formats = [f for f in ("fp32", "tf32", "fp16", "bf16", "fp8_e5m2", "fp8_e4m3") if f in present]
-    formats += sorted(present - set(formats))
-    strategies = [s for s in STRATEGIES if any(r["strategy"] == s for r in rows)]
-    main = [f for f in ("bf16", "fp16") if f in formats] or formats[:2]
-    bound_fmt = main[0]
-    lam = float(rows[0]["lam"])
-    floor = _floor([float(r["rel_l2_error"]) for r in rows if int(r["n_accum"]) >= _N_FROM])
-    xlabel = "accumulation count N"
-    kappa_note = r"bounds are relative: coefficient $\times\ \kappa = \|\sum|x_i|\|_2 / \|\sum x_i\|_2$"
-    paths = []
-
-    # --- figure 1: bf16 and fp16, every bound of bf16, lost updates ----------------------------------------------
-    fig, axes = plt.subplots(
-        2,
-        len(streams) + 1,
-        figsize=(3.6 * len(streams) + 3.4, 7.4),
-        squeeze=False,
-        gridspec_kw={"width_ratios": [1] * len(streams) + [0.95]},
-    )
-    for j, stream in enumerate(streams):
-        ax_err, ax_lost = axes[0, j], axes[1, j]
-        here = _select(rows, stream=stream)
-        for label in BOUND_LINES:
-            _bound_curve(ax_err, _select(here, buffer_format=bound_fmt), label)
-        for fmt in main:
-            for k, strategy in enumerate(strategies):
-                sel = _select(here, buffer_format=fmt, strategy=strategy)
-                style = {**buffer_style(fmt, strategy), "linewidth": 1.6}
-                slot = (k + len(strategies) * main.index(fmt), len(strategies) * len(main))
-                _error_curve(ax_err, *_series(sel, "rel_l2_error"), floor, style, slot)
-                ax_lost.semilogx(*_series(sel, "lost_update_fraction"), **style)
-        n_top = max(int(r["n_accum"]) for r in here)
-        if stream == "constant":  # where theory says round-to-nearest stops adding 1
-            notes = []
-            for fmt in main:
-                stall = int(_select(here, buffer_format=fmt)[0]["predicted_stall"])  # theory's, stored by run
-                if stall < n_top:
-                    style = FORMAT_STYLES.get(fmt, "-")
-                    ax_lost.axvline(stall, color="#999999", linewidth=0.9, linestyle=style)
-                    notes.append(f"{fmt}: N = {stall}")
-            if notes:
-                ax_lost.text(
-                    0.03,
-                    0.97,
-                    "theory's stall (grey lines)\n" + "\n".join(notes),
-                    transform=ax_lost.transAxes,
-                    fontsize=7,
-                    va="top",
-                    color="#444444",
-                )
-        ax_err.set_title(f"{stream}\n({_describe(stream)})", fontsize=9)
-        ax_err.set_ylim(floor / 2, _TOP)
-        ax_lost.set_ylim(-0.03, 1.03)
-        ax_err.set_xlabel(xlabel)
-        ax_lost.set_xlabel(xlabel)
-    axes[0, 0].set_ylabel(f"relative L2 error vs exact sum\n(0 drawn at {floor:.0e}; x above 10: overflow)")
-    axes[1, 0].set_ylabel("lost-update fraction\n(adds that left the buffer unchanged)")
-    handles = [Line2D([], [], color=STRATEGY_COLORS[s], linewidth=2, label=s) for s in strategies]
-    handles += [Line2D([], [], color="#333333", linestyle=FORMAT_STYLES.get(f, "-"), label=f"{f} buffer") for f in main]
-    handles += [Line2D([], [], color="#333333", label="buffer overflowed", **_OVERFLOW_MARK)]
-    bounds = [
-        Line2D([], [], color=g, marker=m, markersize=3, linewidth=0.7, label=lab)
-        for lab, (_, _, g, m) in BOUND_LINES.items()
-    ]
-    for ax in axes[:, -1]:
-        ax.axis("off")
-    leg = axes[0, -1].legend(
-        handles=handles,
-        loc="upper left",
-        title="measured: strategy (colour), format (line)",
-        fontsize=7,
-        title_fontsize=7,
-        frameon=False,
-        alignment="left",
-    )
-    axes[0, -1].add_artist(leg)
-    axes[0, -1].legend(
-        handles=bounds,
-        loc="lower left",
-        fontsize=7,
-        title_fontsize=7,
-        frameon=False,
-        alignment="left",
-        title=f"bounds for {bound_fmt} (grey), $\\lambda$ = {lam:g};\n{kappa_note}",
-    )
-    fig.suptitle(
-        f"Summation error of {' and '.join(main)} buffers vs N for {len(streams)} synthetic gradient streams, "
-        f"against the theoretical bounds for {bound_fmt}"
-    )
-    paths.append(save_figure(fig, fig_dir, NAME))
-
-    # --- figure 2: every format (rows), with its worst-case and probabilistic bounds ------------------------------
-    fig, axes = plt.subplots(
-        len(formats),
-        len(streams),
-        figsize=(3.2 * len(streams) + 2.6, 1.9 * len(formats) + 1.0),
-        squeeze=False,
-        sharex=True,
-    )
-    two = list(BOUND_LINES)[:2]
-    for i, fmt in enumerate(formats):
-        for j, stream in enumerate(streams):
-            ax = axes[i, j]
-            here = _select(rows, stream=stream, buffer_format=fmt)
-            for label in two:
-                _bound_curve(ax, here, label, size=2.5)
-            for k, strategy in enumerate(strategies):  # one format per panel: solid lines, colour = strategy
-                style = {"color": STRATEGY_COLORS[strategy], "linewidth": 1.3}
-                _error_curve(
-                    ax, *_series(_select(here, strategy=strategy), "rel_l2_error"), floor, style, (k, len(strategies))
-                )
-            ax.set_ylim(floor / 2, _TOP)
-            if i == 0:
-                ax.set_title(f"{stream}\n({_describe(stream)})", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(f"{fmt} buffer\nrel. L2 error", fontsize=8)
-            if i == len(formats) - 1:
-                ax.set_xlabel(xlabel)
-    handles = [Line2D([], [], color=STRATEGY_COLORS[s], linewidth=2, label=s) for s in strategies]
-    handles += [b for b in bounds if b.get_label() in two]
-    handles.append(Line2D([], [], color="#333333", label="buffer overflowed", **_OVERFLOW_MARK))
-    axes[0, -1].legend(
-        handles=handles,
-        loc="upper left",
-        bbox_to_anchor=(1.04, 1.0),
-        fontsize=7,
-        frameon=False,
-        title=f"bounds of the row's format,\n$\\lambda$ = {lam:g}",
-        title_fontsize=7,
-        alignment="left",
-    )
-    fig.suptitle(
-        f"Relative L2 error vs the exact sum of the rounded addends, every buffer format (rows); 0 drawn at {floor:.0e}"
-    )
-    paths.append(save_figure(fig, fig_dir, f"{NAME}_formats"))
-    return paths

@@ -60,29 +60,29 @@ What is measured, per (workload, regime, scaling, S, N, trial):
   ``nonfinite``; a non-finite buffer gives ``rel_l2_error = inf``, reported, never averaged away),
   and ``quantisation_floor``, the error of the fp64 truth rounded once to the buffer format.
 
-``run`` writes ``results.csv`` + ``metadata.json`` (resumable, shardable); ``plot`` only reads them.
+``run`` writes ``results.csv`` + ``metadata.json`` (resumable, shardable); :mod:`experiments.figures.underflow`
+only reads them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from precision_lab import metrics
+from experiments.trials import Trial, TrialData
+from precision_lab import STRATEGIES, Accumulator, metrics
 from precision_lab._threads import intra_op_threads
-from precision_lab.accumulators import STRATEGIES, Accumulator
+from precision_lab.checks import check_choice, check_format, check_int, check_ints, check_real
 from precision_lab.formats import Format, get_format
 from precision_lab.gradients import COMPUTE_FORMATS, GradientEngine
-from precision_lab.plotting import PALETTE, pyplot, save_figure
-from precision_lab.results import read_csv
+from precision_lab.lab.runner import run_tasks
+from precision_lab.measure import SCALINGS, power_grid, stable_seed
 from precision_lab.rounding import round_nearest
-from precision_lab.sweep import SCALINGS, TrialData, power_grid, run_tasks, stable_seed
 from precision_lab.workloads import MODEL_WORKLOADS
 
 NAME = "underflow"
@@ -129,11 +129,9 @@ GRADIENT_FORMAT: dict[str, str] = {
 class Config:
     """What to sweep: regimes x scalings x loss scales x N (fixed effective batch) x trials.
 
-    Cost on one core (``taskset -c 0``, one intra-op thread for all the numerics), measured on a
-    2-core machine shared with four other jobs: the full config 412 s of CPU (461 s wall), most of
-    it the transformer's pure-fp16 backward (5-7x the time of fp32 on this CPU); ``Config.quick()`` about
-    10 s.  Cost grows linearly with ``trials`` and with the number of loss scales and scalings
-    (one micro-gradient pass each, per N).
+    All the numerics run on one intra-op thread.  Most of the cost is the transformer's pure-fp16
+    backward (several times that of fp32 on a CPU).  Cost grows linearly with ``trials`` and with
+    the number of loss scales and scalings (one micro-gradient pass each, per N).
     """
 
     workloads: tuple[str, ...] = ("mlp", "transformer")  # see precision_lab.workloads
@@ -161,56 +159,80 @@ class Config:
 
     def buffers(self, compute: str) -> list[tuple[str, str]]:
         """The (buffer format, strategy) pairs fed by ``compute``'s micro-gradients."""
-        return [(b, s) for c, b in self.pairs if c == compute for s in self.strategies]
+        out = []
+        for c, b in self.pairs:
+            if c == compute:
+                out += [(b, s) for s in self.strategies]
+        return out
 
     def grid(self, effective_batch: int) -> list[int]:
         """The accumulation counts N for one workload (each must divide E)."""
         if self.n_accum is None:
             return power_grid(effective_batch, divides=effective_batch)
-        bad = [n for n in self.n_accum if isinstance(n, bool) or not isinstance(n, int) or n < 1]
-        if bad or not self.n_accum:
-            raise ValueError(f"n_accum must be integers N >= 1, got {self.n_accum!r}")
-        for n in self.n_accum:
+        n_values = check_ints(self.n_accum, "n_accum")
+        for n in n_values:
             if effective_batch % n:
                 raise ValueError(f"N={n} does not divide the effective batch {effective_batch}")
-        return sorted(set(self.n_accum))
+        return sorted(set(n_values))
 
     def validate(self) -> None:
         """Check every field; a ValueError names the bad value (and the known ones)."""
         if len(self.effective_batch) != len(self.workloads):
             raise ValueError(f"effective_batch {self.effective_batch} needs one entry per workload {self.workloads}")
         for w in self.workloads:
-            if w not in MODEL_WORKLOADS:
-                raise ValueError(f"unknown workload {w!r}; known: {', '.join(MODEL_WORKLOADS)}")
+            check_choice(w, "workload", MODEL_WORKLOADS)
         if not self.pairs:
             raise ValueError("pairs is empty: give at least one (compute, buffer) pair")
         for c, b in self.pairs:
-            if c not in COMPUTE_FORMATS:
-                raise ValueError(f"unknown compute format {c!r}; known: {', '.join(COMPUTE_FORMATS)}")
-            get_format(b)  # ValueError lists the known formats
+            check_choice(c, "compute format", COMPUTE_FORMATS)
+            check_format(b)  # ValueError lists the known formats
         for s in self.strategies:
-            if s not in STRATEGIES or s == "exact":
-                raise ValueError(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES[:-1])}")
+            check_choice(s, "strategy", [k for k in STRATEGIES if k != "exact"])
         for s in self.scalings:
-            if s not in SCALINGS:
-                raise ValueError(f"unknown scaling {s!r}; known: {', '.join(SCALINGS)}")
+            check_choice(s, "scaling", SCALINGS)
         for s in self.loss_scales:
             _check_loss_scale(s)
-        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
-            raise ValueError(f"trials must be an integer >= 1, got {self.trials!r}")
+        check_int(self.trials, "trials")
         for e in self.effective_batch:
             self.grid(e)
 
-    def tasks(self) -> list[dict[str, Any]]:
+    def tasks(self) -> list[Task]:
         """One task per (workload, compute, N, trial); scalings, loss scales and buffers share it."""
         self.validate()
-        return [
-            {"workload": w, "compute_format": c, "n_accum": n, "trial": t}
-            for w, e in zip(self.workloads, self.effective_batch, strict=True)
-            for c in self.computes()
-            for n in self.grid(e)
-            for t in range(self.trials)
-        ]
+        tasks: list[Task] = []
+        for w, e in zip(self.workloads, self.effective_batch, strict=True):
+            for c in self.computes():
+                for n in self.grid(e):
+                    for t in range(self.trials):
+                        tasks.append(Task(workload=w, compute_format=c, n_accum=n, trial=t))
+        return tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    """One N of one trial in one compute precision: every scaling, loss scale and buffer of it."""
+
+    workload: str  # a model workload of precision_lab.workloads
+    compute_format: str  # precision of the micro-gradients
+    n_accum: int  # N: micro-batches of E/N
+    trial: int  # which trial's batch
+
+
+class Pass(NamedTuple):
+    """One pass of micro-gradients in :func:`measure`: where 1/N is applied, and the loss scale."""
+
+    scaling: str  # "pre": loss / N before backward; "post": the sum / N once
+    loss_scale: float  # S: the loss times S before backward, the sum times 1/S once
+
+
+@dataclass
+class _PassState:
+    """One pass while :func:`measure` runs: its micro-gradients, its buffers and their counts."""
+
+    spec: Pass  # the pass
+    stream: Iterator[torch.Tensor]  # the engine's micro-gradient chunks
+    accs: list[Accumulator]  # one per buffer
+    counts: dict[str, dict[str, int]]  # buffer format -> flush_counts summed over the chunks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,13 +300,11 @@ def _narrower(compute: str, buffer: str) -> Format:
 def measure(
     engine: GradientEngine,
     exact_engine: GradientEngine,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    reference: torch.Tensor,
+    trial: Trial,
     n_micro: int,
+    *,
     buffers: Sequence[tuple[str, str]],
     passes: Sequence[tuple[str, float]],
-    *,
     seed: int = 0,
 ) -> list[list[dict[str, Any]]]:
     """Split the batch into N micro-batches; for every (scaling, S) in ``passes`` accumulate and count.
@@ -298,13 +318,12 @@ def measure(
     Args:
         engine: The micro-gradients' compute precision.
         exact_engine: An fp64 engine of the same model, chunking and method (the chunks pair up).
-        inputs: All E samples.
-        targets: Their targets.
-        reference: The fp64 gradient of all E samples (the truth every buffer is compared with).
+        trial: All E samples (``x``, ``y``) and their fp64 gradient (``reference``: the truth every
+            buffer is compared with).
         n_micro: The accumulation count N.
         buffers: ``(format, strategy)`` pairs, each fed every pass's micro-gradients.
-        passes: ``(scaling, loss_scale)`` pairs: ``pre`` divides each loss by N before backward
-            and reads the buffer out times ``1/S``; ``post`` reads it out times ``1/(S N)``.
+        passes: :class:`Pass` ``(scaling, loss_scale)`` pairs: ``pre`` divides each loss by N before
+            backward and reads the buffer out times ``1/S``; ``post`` reads it out times ``1/(S N)``.
         seed: Seed of the stochastic-rounding strategy (if any).
 
     Returns:
@@ -314,61 +333,53 @@ def measure(
     """
     if exact_engine.compute != "fp64":
         raise ValueError(f"exact_engine must compute in fp64, got {exact_engine.compute!r}")
+    specs = []
     for scaling, s in passes:
-        if scaling not in SCALINGS:
-            raise ValueError(f"unknown scaling {scaling!r}; known: {', '.join(SCALINGS)}")
+        check_choice(scaling, "scaling", SCALINGS)
         _check_loss_scale(s)
+        specs.append(Pass(scaling, s))
     buffers = [(get_format(b).name, strategy) for b, strategy in buffers]
     formats = list(dict.fromkeys(b for b, _ in buffers))
     narrow = {b: _narrower(engine.compute, b) for b in formats}
     device = engine.device
-    streams = [
-        engine.micro_gradients(inputs, targets, n_micro, divide_by=n_micro if scaling == "pre" else 1, loss_scale=s)
-        for scaling, s in passes
-    ]
-    accs = [
-        [
-            Accumulator(
-                strategy,
-                b,
-                (engine.num_params,),
-                device=device,
-                generator=torch.Generator(device=device).manual_seed(stable_seed(seed, p, b, strategy)),
-            )
-            for b, strategy in buffers
-        ]
-        for p in passes
-    ]
-    counts = [
-        {b: dict.fromkeys(("nonzero", "flushed", "zeroed", "subnormal", "nonfinite"), 0) for b in formats}
-        for _ in passes
-    ]
+    states = []
+    for spec in specs:
+        divide_by = n_micro if spec.scaling == "pre" else 1
+        stream = engine.micro_gradients(trial.x, trial.y, n_micro, divide_by=divide_by, loss_scale=spec.loss_scale)
+        accs = []
+        for b, strategy in buffers:
+            generator = torch.Generator(device=device).manual_seed(stable_seed(seed, spec, b, strategy))
+            accs.append(Accumulator(strategy, b, (engine.num_params,), device=device, generator=generator))
+        counts = {b: dict.fromkeys(("nonzero", "flushed", "zeroed", "subnormal", "nonfinite"), 0) for b in formats}
+        states.append(_PassState(spec, stream, accs, counts))
     # Counting and adding are elementwise work on 10^4..10^6 numbers: one intra-op thread (the engines
     # set their own) loses little, gives the same bits, and avoids idle-spinning threads that cost
     # ten times the work on a shared machine.
     with intra_op_threads(1):
-        for exact in exact_engine.micro_gradients(inputs, targets, n_micro):
-            for (scaling, s), stream, pass_accs, pass_counts in zip(passes, streams, accs, counts, strict=True):
-                chunk = next(stream)
-                scale = s / n_micro if scaling == "pre" else s
+        for exact in exact_engine.micro_gradients(trial.x, trial.y, n_micro):
+            for state in states:
+                chunk = next(state.stream)
+                s = state.spec.loss_scale
+                scale = s / n_micro if state.spec.scaling == "pre" else s
                 for b in formats:
                     for k, v in flush_counts(exact, chunk, b, narrow[b], scale).items():
-                        pass_counts[b][k] += v
+                        state.counts[b][k] += v
                 for g in chunk:
-                    for acc in pass_accs:
+                    for acc in state.accs:
                         acc.add(g)  # rounds g to the buffer format (RN), then p.grad += g
-    if any(next(stream, None) is not None for stream in streams):
+    if any(next(state.stream, None) is not None for state in states):
         raise ValueError("the engines chunk the micro-gradients differently; give them the same chunking")
-    floors = {b: metrics.rel_l2_error(round_nearest(reference, b), reference) for b in formats}
+    floors = {b: metrics.rel_l2_error(round_nearest(trial.reference, b), trial.reference) for b in formats}
     out = []
-    for (scaling, s), pass_accs, pass_counts in zip(passes, accs, counts, strict=True):
-        factor = 1.0 / s if scaling == "pre" else 1.0 / (s * n_micro)  # unscale (and post's /N) once, in the buffer
+    for state in states:
+        s = state.spec.loss_scale
+        factor = 1.0 / s if state.spec.scaling == "pre" else 1.0 / (s * n_micro)  # unscale (and post's /N) once
         rows = []
-        for acc in pass_accs:
-            c = pass_counts[acc.format.name]
+        for acc in state.accs:
+            c = state.counts[acc.format.name]
             m = metrics.compare(
                 acc.scaled_value(factor),
-                reference,
+                trial.reference,
                 acc.format,
                 lost_updates=acc.lost_updates,
                 element_adds=acc.element_adds,
@@ -390,10 +401,8 @@ def measure(
     return out
 
 
-def _check_loss_scale(s: float) -> float:
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-        raise ValueError(f"loss scale {s!r} must be a finite number > 0")
-    return s
+def _check_loss_scale(s: object) -> float:
+    return check_real(s, "loss scale", low=0.0, high=math.inf, low_open=True, high_open=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,20 +421,18 @@ def run(
     tasks = config.tasks()  # validates the config before anything is computed
     trials = TrialData.for_config(config, seed=seed, device=device)
     batch = trials.effective_batch
+    passes = [Pass(scaling, float(s)) for scaling in config.scalings for s in config.loss_scales]
 
-    def work(task: dict[str, Any]) -> list[dict[str, Any]]:
-        w, compute, n, trial = task["workload"], task["compute_format"], task["n_accum"], task["trial"]
-        x, y, ref, data_seed = trials.data(w, trial)
-        passes = [(scaling, float(s)) for scaling in config.scalings for s in config.loss_scales]
+    def work(task: Task) -> list[dict[str, Any]]:
+        w, compute, n, trial = task.workload, task.compute_format, task.n_accum, task.trial
+        data = trials.data(w, trial)
         measured = measure(
             trials.engine(w, compute),
             trials.engine(w, "fp64"),
-            x,
-            y,
-            ref,
+            data,
             n,
-            config.buffers(compute),
-            passes,
+            buffers=config.buffers(compute),
+            passes=passes,
             seed=stable_seed(seed, w, compute, n, trial),
         )
         rows = []
@@ -441,7 +448,7 @@ def run(
                         "micro_batch": batch[w] // n,
                         "effective_batch": batch[w],
                         "trial": trial,
-                        "seed": data_seed,
+                        "seed": data.data_seed,
                         **r,
                     }
                 )
@@ -453,174 +460,9 @@ def run(
         tasks,
         work,
         columns=COLUMNS,
-        config=dataclasses.asdict(config),
+        config=config,
         seed=seed,
         device=device,
         shard=shard,
         progress=progress,
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# plot
-# --------------------------------------------------------------------------------------------------
-def _scale_label(s: float) -> str:
-    """``S=1`` (no loss scale), ``S=2^10``, or the number where it is not a power of two."""
-    if s == 1.0:
-        return "S=1 (none)"
-    m, e = math.frexp(s)
-    return f"S=2^{e - 1}" if m == 0.5 else f"S={s:g}"
-
-
-def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
-    """Flushed fraction, subnormal fraction and error vs N per workload x regime (trial means).
-
-    Colour: the loss scale; line style and marker: the 1/N placement.  Points of the curves are
-    dodged sideways (at most a fifth of a doubling) and earlier curves are drawn wider, so that
-    coinciding values show as nested markers instead of hiding each other.  Fractions of exactly
-    0 are drawn hollow, one decade below the smallest positive one (said on the axis).  Non-finite
-    results are not averaged: where any trial's accumulated gradient holds inf/NaN, the error panel
-    shows an ``x`` in a band at its top (one row per curve) instead of a point.
-    """
-    plt = pyplot()
-
-    rows = read_csv(Path(out_dir) / "results.csv")
-    workloads = list(dict.fromkeys(r["workload"] for r in rows))
-    regimes = list(dict.fromkeys((r["compute_format"], r["buffer_format"], r["strategy"]) for r in rows))
-    scales = sorted({float(r["loss_scale"]) for r in rows})
-    series = [(sc, s) for s in scales for sc in SCALINGS if any(r["scaling"] == sc for r in rows)]
-    colors = dict(
-        zip(scales, [PALETTE[c] for c in ("vermillion", "blue", "green", "purple", "orange", "sky")], strict=False)
-    )
-    style = {"pre": {"linestyle": "-", "marker": "o"}, "post": {"linestyle": "--", "marker": "s"}}
-    fractions = ("flushed_fraction", "subnormal_fraction")
-    positive = [float(r[c]) for r in rows for c in fractions if float(r[c]) > 0]
-    zero_at = 10.0 ** (math.floor(math.log10(min(positive, default=1e-6))) - 1)  # where a fraction of 0 is drawn
-    panels = (
-        ("flushed_fraction", "flushed to zero\n(fraction of nonzero elements)"),
-        ("subnormal_fraction", "arriving subnormal\n(fraction of nonzero elements)"),
-        ("rel_l2_error", "relative L2 error\nvs fp64 large batch"),
-    )
-
-    def by_n(sel: list[dict[str, str]], column: str) -> dict[int, list[float]]:
-        out: dict[int, list[float]] = {}
-        for r in sel:
-            out.setdefault(int(r["n_accum"]), []).append(float(r[column]))
-        return dict(sorted(out.items()))
-
-    fig, axes = plt.subplots(
-        len(panels) * len(workloads),
-        len(regimes),
-        squeeze=False,
-        figsize=(4.3 * len(regimes) + 2.2, 2.6 * len(panels) * len(workloads)),
-    )
-    overflow_seen = False
-    for i, w in enumerate(workloads):
-        for j, (compute, buffer, strategy) in enumerate(regimes):
-            here = [
-                r
-                for r in rows
-                if (r["workload"], r["compute_format"], r["buffer_format"], r["strategy"])
-                == (w, compute, buffer, strategy)
-            ]
-            ax = {m: axes[len(panels) * i + k, j] for k, (m, _) in enumerate(panels)}
-            overflowing = []
-            for idx, (scaling, s) in enumerate(series):
-                sel = [r for r in here if r["scaling"] == scaling and float(r["loss_scale"]) == s]
-                if not sel:
-                    continue
-                dodge = 2.0 ** (0.08 * (idx - (len(series) - 1) / 2))
-                nest = len(series) - 1 - idx  # earlier curves drawn wider: coinciding ones show as nested rings
-                kw = {
-                    "color": colors.get(s, PALETTE["black"]),
-                    "markersize": 3 + 0.8 * nest,
-                    "linewidth": 1 + 0.3 * nest,
-                    "label": f"{scaling}, {_scale_label(s)}",
-                    **style[scaling],
-                }
-                for m in fractions:
-                    means = {n * dodge: sum(v) / len(v) for n, v in by_n(sel, m).items()}
-                    ax[m].plot(list(means), [f or zero_at for f in means.values()], **kw)
-                    zeros = [n for n, f in means.items() if f == 0]  # hollow markers on the bottom line: exactly 0
-                    ax[m].plot(
-                        zeros,
-                        [zero_at] * len(zeros),
-                        linestyle="none",
-                        marker=kw["marker"],
-                        color=kw["color"],
-                        markersize=kw["markersize"],
-                        markerfacecolor="white",
-                    )
-                errors = by_n(sel, "rel_l2_error")
-                nonfinite = by_n(sel, "nonfinite")
-                ok = {
-                    n: sum(v) / len(v)
-                    for n, v in errors.items()
-                    if all(map(math.isfinite, v)) and not any(nonfinite[n])
-                }
-                ax["rel_l2_error"].plot([n * dodge for n in ok], list(ok.values()), **kw)
-                bad = [n * dodge for n in errors if n not in ok]
-                if bad:
-                    overflowing.append((bad, kw["color"], kw["label"]))
-            floor = by_n(here, "quantisation_floor")
-            finite = [float(r["rel_l2_error"]) for r in here if math.isfinite(float(r["rel_l2_error"]))]
-            floor_matters = bool(finite) and max(v[0] for v in floor.values()) > min(finite) / 100
-            if floor_matters:  # (a negligible floor would only squash the axis)
-                ax["rel_l2_error"].plot(
-                    list(floor),
-                    [v[0] for v in floor.values()],
-                    color=PALETTE["black"],
-                    linestyle=":",
-                    linewidth=0.9,
-                    label="fp64 truth rounded to the buffer format",
-                )
-            e = ax["rel_l2_error"]
-            e.set_yscale("log")
-            lo, hi = e.get_ylim() if finite else (1e-4, 1e-2)
-            if hi / lo < 8:  # at least a factor 8 on the axis: last-digit differences are not blown up
-                mid = math.sqrt(lo * hi)
-                lo, hi = mid / math.sqrt(8), mid * math.sqrt(8)
-            if overflowing:  # a band at the top of the error panel: one row of x per overflowing curve
-                overflow_seen = True
-                hi *= (hi / lo) ** (0.1 + 0.08 * len(overflowing))
-            e.set_ylim(lo, hi)
-            if overflowing:
-                for k, (ns, color, label) in enumerate(overflowing):
-                    y = 0.95 - 0.08 * k
-                    e.plot(
-                        ns,
-                        [y] * len(ns),
-                        linestyle="none",
-                        marker="x",
-                        markersize=6,
-                        color=color,
-                        markeredgewidth=1.4,
-                        transform=e.get_xaxis_transform(),
-                    )
-                    e.text(0.02, y, f"inf/NaN ({label})", transform=e.transAxes, fontsize=6.5, va="center", color=color)
-            ax["flushed_fraction"].set_title(f"{w}: {compute} micro-gradients\n-> {buffer} buffer ({strategy})")
-            for m, label in panels:
-                a = ax[m]
-                a.set_xscale("log", base=2)
-                a.set_yscale("log")
-                if j == 0:
-                    a.set_ylabel(label + (f"\n(exactly 0: hollow, at {zero_at:.0e})" if m in fractions else ""))
-                a.set_xlabel("accumulation count N (fixed effective batch)")
-    handles, labels = [], []
-    for a in axes.flat:  # every curve, even one that is non-finite wherever it has an error
-        for h, lab in zip(*a.get_legend_handles_labels(), strict=True):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    if overflow_seen:
-        handles.append(plt.Line2D([], [], linestyle="none", marker="x", color=PALETTE["black"], markeredgewidth=1.4))
-        labels.append("inf/NaN in the accumulated\ngradient (overflow) in >= 1\ntrial: a labelled row at the top")
-    axes[0, -1].legend(
-        handles, labels, loc="upper left", bbox_to_anchor=(1.04, 1.0), title="1/N placement, loss scale S"
-    )
-    fig.suptitle(
-        "fp16 underflow vs N: micro-gradient elements flushed to zero or left subnormal, and the error,\n"
-        "with the 1/N scaling before (pre) or after (post) accumulation, with and without a static "
-        "loss scale S (trial means)"
-    )
-    return [save_figure(fig, fig_dir, NAME)]

@@ -1,6 +1,6 @@
 """precision_lab: how much rounding error does gradient accumulation really introduce?
 
-The public surface (see ``shared/DESIGN.md``)::
+The public surface (design notes: ``docs/design.md`` in the repository)::
 
     fmt = get_format("bf16")
     y = round_nearest(x, "bf16"); y = round_stochastic(x, "fp16", generator=g)

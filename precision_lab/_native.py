@@ -6,8 +6,8 @@ parallel loop over the elements, and gives **the same bits** as the torch code i
 ========================  ========================================================================
 ``sr_bf16``               fp32 -> bf16 stochastic rounding, the bits of ``rounding._sr_bf16_torch``
 ``naive_add_bf16``        ``s <- RN(s + t)`` in bf16, the bits of ``s.add_(t)``, plus the lost count
-``kahan_add_bf16``        one Kahan step with every op rounded to bf16, as ``accumulators.kahan_step``
-``sr_add_bf16``           ``s <- SR(float(s) + float(t))``, as ``accumulators.stochastic_step``
+``kahan_add_bf16``        one Kahan step with every op rounded to bf16, as ``strategies.kahan.kahan_step``
+``sr_add_bf16``           ``s <- SR(float(s) + float(t))``, as ``strategies.stochastic.stochastic_step``
 ``count_nonfinite_bf16``  ``int((~torch.isfinite(t)).sum())`` for a bf16 ``t``, in one pass
 ========================  ========================================================================
 
@@ -334,8 +334,9 @@ def _count_nonfinite(t):
     return total
 
 
-_HELPERS = {f.__name__: f for f in (_mix, _fill_words, _isnan32, _widen, _to_bf16, _rn32, _high16, _sr16,
-                                     _sr32, _same, _counts)}  # fmt: skip
+_HELPERS = {
+    f.__name__: f for f in (_mix, _fill_words, _isnan32, _widen, _to_bf16, _rn32, _high16, _sr16, _sr32, _same, _counts)
+}
 _PARALLEL = {
     f.__name__.lstrip("_"): f for f in (_sr_to_f32, _sr_to_bf16, _naive_add, _kahan_add, _sr_add, _count_nonfinite)
 }
@@ -434,7 +435,7 @@ def naive_add_bf16(s: torch.Tensor, t: torch.Tensor) -> int:
 
     Returns:
         The element-adds with a finite nonzero ``t`` into a finite ``s`` that left ``s`` unchanged
-        (``accumulators._changed_count``).
+        (``strategies.absorbed``).
     """
     _check("s", s, (torch.bfloat16,), s.numel())
     _check("t", t, (torch.bfloat16,), s.numel())
@@ -446,7 +447,7 @@ def naive_add_bf16(s: torch.Tensor, t: torch.Tensor) -> int:
 
 
 def kahan_add_bf16(s: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> int:
-    """One bf16 Kahan step in place on ``(s, c)``: the bits of ``accumulators.kahan_step``.
+    """One bf16 Kahan step in place on ``(s, c)``: the bits of ``strategies.kahan.kahan_step``.
 
     ``y = RN(t - c); u = RN(s + y); c = RN(RN(u - s) - y); s = u``, each op rounded to bf16.
 
@@ -470,7 +471,7 @@ def kahan_add_bf16(s: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> int:
 
 
 def sr_add_bf16(s: torch.Tensor, t: torch.Tensor, key: int, count_lost: bool) -> int:
-    """``s <- SR_bf16(float(s) + float(t))`` in place: the bits of ``accumulators.stochastic_step``.
+    """``s <- SR_bf16(float(s) + float(t))`` in place: the bits of ``strategies.stochastic.stochastic_step``.
 
     The fp32 sum is rounded as :func:`sr_bf16` rounds it (all 16 random bits, element i on lane
     i % 4 of ``splitmix64(key, i // 4)``).
@@ -482,7 +483,7 @@ def sr_add_bf16(s: torch.Tensor, t: torch.Tensor, key: int, count_lost: bool) ->
         count_lost: Whether to return the lost element-adds (else 0).
 
     Returns:
-        The lost element-adds as ``accumulators._changed_count`` defines them, or 0.
+        The lost element-adds as ``strategies.absorbed`` defines them, or 0.
     """
     _check("s", s, (torch.bfloat16,), s.numel())
     _check("t", t, (torch.bfloat16,), s.numel())

@@ -17,10 +17,10 @@ exactly (this is ``y - floor(y)`` of ``_generic``).  Rounding adds 0 or 1 to the
     s >= 53:  result = inc ? 2**(emin - m) : 0   (|x| < q: only 0 and the smallest quantum)
 
 with ``inc`` = round half to even (``"nearest"``), 0 (``"zero"``) or the Bernoulli(frac) draw of
-``_bernoulli`` (``"stochastic"``): the 63-bit word ``splitmix64(key, i) >> 1`` of flat element ``i``
+``bernoulli`` (``"stochastic"``): the 63-bit word ``splitmix64(key, i) >> 1`` of flat element ``i``
 against ``F = floor(frac * 2**63)``, up iff ``w < F``.  A tie ``w == F`` with bits of frac left below
 2**-63 (probability 2**-63 per element) is settled by the serial refinement kernel, level by level
-with the keys ``_random.mix_key(key, level)`` as ``_bernoulli`` does; with ``random_bits=r`` the
+with the keys ``_random.mix_key(key, level)`` as ``bernoulli`` does; with ``random_bits=r`` the
 comparison is ``splitmix64(key, i) >> (64 - r) < floor(frac * 2**r)``.  Overflow, flush-to-zero,
 signed zeros, ±Inf and NaN follow ``_finalize`` (compared on bits: non-negative doubles order like
 their bit patterns), and the float64 result is narrowed to fp32 by one correctly rounded cast, as

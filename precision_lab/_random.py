@@ -1,7 +1,7 @@
 """Counter-based random bits: a splitmix64 hash of (key, counter).
 
 Stochastic rounding needs one independent random word per element.  ``torch.randint`` is a
-sequential generator and costs more than the rounding itself (~0.3 G elements/s on a 2-core CPU),
+sequential generator and costs more than the rounding itself (see ``benchmarks/bench_rounding.py``),
 so precision_lab draws a single 63-bit *key* from the user's ``torch.Generator`` and hashes the
 element index with it::
 

@@ -82,6 +82,7 @@ import torch.nn.functional as F  # noqa: N812 (the conventional name)
 from torch import nn
 
 from precision_lab._threads import intra_op_threads
+from precision_lab.checks import check_choice, check_int, check_real
 from precision_lab.gradients import flat_gradients, flat_parameters, split
 
 __all__ = [
@@ -111,23 +112,15 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def _check_choice(kind: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"unknown {kind} {value!r}; known: {', '.join(allowed)}")
-    return value
+    return check_choice(value, kind, allowed)
 
 
 def _check_n(n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the accumulation count N must be an integer >= 1, got {n!r}")
-    return n
+    return check_int(n, "the accumulation count N")
 
 
 def _check_nonneg(name: str, v: float, *, positive: bool = False) -> None:
-    ok = (
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 if positive else v >= 0)
-    )
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+    check_real(v, name, low=0.0, low_open=positive, high=math.inf, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -197,10 +190,8 @@ class SampleKeyedDropout(nn.Module):
 
     def __init__(self, p: float = 0.5, seed: int = 0) -> None:
         super().__init__()
-        if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
-            raise ValueError(f"dropout probability must be in [0, 1), got {p!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-            raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
+        check_real(p, "dropout probability", low=0.0, high=1.0, high_open=True)
+        check_int(seed, "seed", minimum=0, maximum=2**31 - 1)
         self.p = float(p)
         self.seed = seed
         self.rows_seen = 0
@@ -256,8 +247,7 @@ def _seeded(seed: int) -> Iterator[None]:
     depend on the core count, and these tiny models run faster than with threads that spin-wait
     for a busy CPU.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_int(seed, "seed", minimum=0)
     with torch.random.fork_rng(devices=[]), intra_op_threads(1):
         torch.manual_seed(seed)
         yield

@@ -49,6 +49,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from precision_lab._threads import intra_op_threads
+from precision_lab.checks import check_int
 
 __all__ = [
     "COMPUTE_FORMATS",
@@ -81,8 +82,7 @@ def _check_compute(compute: str) -> str:
 
 def split(n_items: int, n_micro: int) -> int:
     """Micro-batch size of ``n_items`` samples split into ``n_micro`` equal parts (ValueError otherwise)."""
-    if isinstance(n_micro, bool) or not isinstance(n_micro, int) or n_micro < 1:
-        raise ValueError(f"the accumulation count N must be an integer >= 1, got {n_micro!r}")
+    check_int(n_micro, "the accumulation count N")
     if n_items % n_micro:
         raise ValueError(f"a batch of {n_items} samples does not split into N={n_micro} equal micro-batches")
     return n_items // n_micro
@@ -148,14 +148,13 @@ class GradientEngine:
         self.compute = _check_compute(compute)
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-        for name, v in (("chunk_size", chunk_size), ("chunk_samples", chunk_samples)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        check_int(chunk_size, "chunk_size")
+        check_int(chunk_samples, "chunk_samples")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use 'cpu'")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+        if threads is not None:
+            check_int(threads, "threads")
         self.method = method
         self.chunk_size = chunk_size
         self.chunk_samples = chunk_samples

@@ -32,7 +32,6 @@ low-precision errors measured; hand-checked dyadic examples are reproduced exact
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ import scipy.stats
 import torch
 
 from precision_lab._threads import intra_op_threads
+from precision_lab.checks import check_int, check_probability
 from precision_lab.formats import Format, get_format
 
 __all__ = [
@@ -334,8 +334,7 @@ def compare(
     """
     fmt = get_format(fmt)
     for name, value in (("lost_updates", lost_updates), ("element_adds", element_adds)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        check_int(value, name, minimum=0)
     if lost_updates > element_adds:
         raise ValueError(f"lost_updates={lost_updates!r} exceeds element_adds={element_adds!r}")
     a, r = _pair(acc, ref)
@@ -396,8 +395,7 @@ def summarize(values: torch.Tensor | np.ndarray | Sequence[float], confidence: f
     Raises:
         ValueError: An empty sample or ``confidence`` outside ``(0, 1)``.
     """
-    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    check_probability(confidence, "confidence")
     x = _as_numpy(values)
     n = int(x.size)
     if n == 0:

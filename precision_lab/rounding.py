@@ -46,6 +46,7 @@ import math
 import torch
 
 from precision_lab import _random
+from precision_lab.checks import check_int
 from precision_lab.formats import Format, get_format
 
 __all__ = ["round_nearest", "round_stochastic", "round_toward_zero"]
@@ -139,8 +140,9 @@ def _finalize(x64: torch.Tensor, mag: torch.Tensor, f: Format, *, saturate: bool
     return torch.where(torch.isnan(x64), x64, res)
 
 
-def _generic(x: torch.Tensor, f: Format, mode: str, *, saturate: bool = False, key: int = 0,
-             random_bits: int | None = None) -> torch.Tensor:  # fmt: skip
+def _generic(
+    x: torch.Tensor, f: Format, mode: str, *, saturate: bool = False, key: int = 0, random_bits: int | None = None
+) -> torch.Tensor:
     """Round any float tensor into ``f`` in float64 arithmetic; returns float64."""
     x64 = x.to(torch.float64)
     a = torch.nan_to_num(x64.abs(), nan=0.0, posinf=0.0)  # non-finite handled in _finalize
@@ -151,15 +153,16 @@ def _generic(x: torch.Tensor, f: Format, mode: str, *, saturate: bool = False, k
         r = torch.floor(y)
     else:
         fl = torch.floor(y)
-        r = fl + _bernoulli(y - fl, key, random_bits)  # frac = y - floor(y) is exact
+        r = fl + bernoulli(y - fl, key, random_bits)  # frac = y - floor(y) is exact
     return _finalize(x64, r * q, f, saturate=saturate, rz=mode == "zero")
 
 
 _NATIVE_MIN_NUMEL = 4096  # below this, a numba launch costs more than the eager torch ops
 
 
-def _round_any(x: torch.Tensor, f: Format, mode: str, *, saturate: bool = False, key: int = 0,
-               random_bits: int | None = None) -> torch.Tensor:  # fmt: skip
+def _round_any(
+    x: torch.Tensor, f: Format, mode: str, *, saturate: bool = False, key: int = 0, random_bits: int | None = None
+) -> torch.Tensor:
     """:func:`_generic` with x's dtype out (fp32/fp64 x), through the compiled kernel where it applies.
 
     The kernel (:mod:`precision_lab._native_generic`) gives the same bits in one pass; it is used
@@ -168,8 +171,13 @@ def _round_any(x: torch.Tensor, f: Format, mode: str, *, saturate: bool = False,
     """
     from precision_lab import _native_generic
 
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.numel() >= _NATIVE_MIN_NUMEL
-            and f.fits_in(get_format(x.dtype)) and _native_generic.enabled()):  # fmt: skip
+    if (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.numel() >= _NATIVE_MIN_NUMEL
+        and f.fits_in(get_format(x.dtype))
+        and _native_generic.enabled()
+    ):
         xc = x.contiguous()
         res = torch.empty_like(xc)
         _native_generic.round_into(xc, res, f, mode, saturate=saturate, key=key, random_bits=random_bits)
@@ -177,8 +185,11 @@ def _round_any(x: torch.Tensor, f: Format, mode: str, *, saturate: bool = False,
     return _generic(x, f, mode, saturate=saturate, key=key, random_bits=random_bits)
 
 
-def _bernoulli(frac: torch.Tensor, key: int, random_bits: int | None) -> torch.Tensor:
+def bernoulli(frac: torch.Tensor, key: int, random_bits: int | None = None) -> torch.Tensor:
     """One exact Bernoulli(frac) draw per element, frac in [0, 1) float64; returns 0.0/1.0 float64.
+
+    A keyed building block (not in ``__all__``): element i of the flat tensor draws from the
+    counter-based stream ``key`` (:mod:`precision_lab._random`), so equal keys give equal draws.
 
     Element i compares U_i ~ Uniform[0, 1) with frac_i, U_i's bits coming 63 at a time from the
     counter-based stream.  With w the first 63 bits and F = floor(frac * 2^63): w < F means U < frac
@@ -213,8 +224,9 @@ def _bernoulli(frac: torch.Tensor, key: int, random_bits: int | None) -> torch.T
 # --------------------------------------------------------------------------------------------------
 # public functions
 # --------------------------------------------------------------------------------------------------
-def round_nearest(x: torch.Tensor, fmt: str | Format, *, saturate: bool = False,
-                  out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def round_nearest(
+    x: torch.Tensor, fmt: str | Format, *, saturate: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Round to the nearest number of ``fmt``, ties to even.
 
     Args:
@@ -260,9 +272,15 @@ def round_toward_zero(x: torch.Tensor, fmt: str | Format, *, out: torch.Tensor |
     return _finish(_round_any(w, f, "zero"), x, out)
 
 
-def round_stochastic(x: torch.Tensor, fmt: str | Format, *, generator: torch.Generator | None = None,
-                     random_bits: int | None = None, saturate: bool = False,
-                     out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def round_stochastic(
+    x: torch.Tensor,
+    fmt: str | Format,
+    *,
+    generator: torch.Generator | None = None,
+    random_bits: int | None = None,
+    saturate: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Stochastic rounding: up with probability (x - down) / (up - down), else down.
 
     The result is always one of the two neighbours of x in ``fmt`` (x itself if representable),
@@ -280,10 +298,8 @@ def round_stochastic(x: torch.Tensor, fmt: str | Format, *, generator: torch.Gen
         out: Optional tensor of x's dtype or of the format's native dtype to write into.
     """
     f = _check(x, fmt, out)
-    if random_bits is not None and not (
-        isinstance(random_bits, int) and not isinstance(random_bits, bool) and 1 <= random_bits <= 62
-    ):
-        raise ValueError(f"random_bits={random_bits!r}; must be an int in 1..62 or None")
+    if random_bits is not None:
+        check_int(random_bits, "random_bits (or None: exact)", minimum=1, maximum=62)
     key = _random.derive_key(generator)
     if x.dtype == torch.float32 and f.name == "bf16" and not saturate and (random_bits is None or random_bits <= 16):
         return _finish_sr_bf16(x, key, 16 if random_bits is None else random_bits, out)
@@ -291,6 +307,28 @@ def round_stochastic(x: torch.Tensor, fmt: str | Format, *, generator: torch.Gen
         return _finish(x.clone() if out is None else x, x, out)
     w = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # exact widening
     return _finish(_round_any(w, f, "stochastic", saturate=saturate, key=key, random_bits=random_bits), x, out)
+
+
+def round_stochastic_keyed(x: torch.Tensor, fmt: Format, key: int) -> torch.Tensor:
+    """Stochastic rounding of an fp32 or fp64 ``x`` into ``fmt`` with the random stream ``key``.
+
+    A keyed building block (not in ``__all__``) for callers that derive the key themselves
+    (:func:`~precision_lab._random.derive_key`), such as the stochastic accumulation strategy.  No
+    argument checks, no ``out=``, no saturation, all random bits; every result of ``fmt`` must be a
+    number of x's dtype.  fp32 into bf16 takes the 16-bit fast path, everything else the exact
+    generic path: the bits :func:`round_stochastic` gives for a generator whose next key is ``key``.
+
+    Args:
+        x: fp32 or fp64 tensor, any device.
+        fmt: Target format.
+        key: Key of the counter-based random stream.
+
+    Returns:
+        A tensor of x's dtype holding values representable in ``fmt``.
+    """
+    if x.dtype == torch.float32 and fmt.name == "bf16":
+        return _finish_sr_bf16(x, key, 16, None)
+    return _round_any(x, fmt, "stochastic", key=key)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,10 +26,10 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 
+from precision_lab.checks import check_int, check_probability, check_real
 from precision_lab.formats import Format, get_format
 
 __all__ = [
@@ -51,27 +51,19 @@ __all__ = [
 
 # --- argument checks ----------------------------------------------------------------------------
 def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(value, name, minimum=minimum)
 
 
 def _check_u(u: object) -> float:
-    if isinstance(u, bool) or not isinstance(u, numbers.Real) or not 0.0 < float(u) < 1.0:
-        raise ValueError(f"unit roundoff u must be a real number in (0, 1), got {u!r}")
-    return float(u)
+    return check_probability(u, "unit roundoff u")
 
 
 def _check_nonneg(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < math.inf:
-        raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}")
-    return float(value)
+    return check_real(value, name, low=0.0, high=math.inf, high_open=True)
 
 
 def _check_positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < math.inf:
-        raise ValueError(f"{name} must be a finite real number > 0, got {value!r}")
-    return float(value)
+    return check_real(value, name, low=0.0, low_open=True, high=math.inf, high_open=True)
 
 
 def _times(coefficient: float, abs_sum: float) -> float:

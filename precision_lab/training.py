@@ -46,9 +46,11 @@ import torch
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
-from precision_lab.accumulators import STRATEGIES, Accumulator
+from precision_lab.accumulators import Accumulator
+from precision_lab.checks import check_real
 from precision_lab.formats import Format, get_format
 from precision_lab.rounding import round_nearest
+from precision_lab.strategies import get_strategy
 
 __all__ = ["GradientAccumulator"]
 
@@ -92,8 +94,7 @@ def _named(params: Iterable[Any]) -> list[tuple[str, torch.Tensor]]:
 def _check_scale(scale: float | None) -> None:
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    check_real(scale, "scale (a finite number, or None)", low=-math.inf, high=math.inf, low_open=True, high_open=True)
 
 
 def _as_param_grad(value: torch.Tensor, slot: _Slot) -> torch.Tensor:
@@ -115,10 +116,12 @@ class GradientAccumulator:
             devices are fine: each buffer lives on its parameter's device), each listed once, with
             ``p.grad is None`` (zero the gradients before creating the accumulator) and not already
             hooked by another live ``GradientAccumulator``.
-        strategy: One of :data:`~precision_lab.accumulators.STRATEGIES`.
+        strategy: A registered strategy name (:data:`~precision_lab.accumulators.STRATEGIES` or one
+            added with :func:`~precision_lab.strategies.register_strategy`).
         fmt: Buffer format (name, ``eXmY``, dtype or :class:`Format`); ``None`` means each
             parameter's own format.
-        generator: A ``torch.Generator``; required by ``strategy="stochastic"`` (reproducibility),
+        generator: A ``torch.Generator``; required (reproducibility) by a strategy that draws random bits
+            (its unit's ``needs_generator``, e.g. ``"stochastic"``),
             ignored otherwise.  One generator serves every buffer, in hook order.
         count_lost: Track lost (stagnated) updates; see :class:`Accumulator`.
         ddp: The ``DistributedDataParallel`` module wrapping these parameters, to accumulate under
@@ -139,14 +142,19 @@ class GradientAccumulator:
     * A gradient that is not strided (sparse) raises ``RuntimeError`` from inside backward.
     """
 
-    def __init__(self, params: Iterable[Any], strategy: str = "naive", fmt: str | Format | torch.dtype | None = None,
-                 *, generator: torch.Generator | None = None, count_lost: bool = True,
-                 ddp: torch.nn.Module | None = None) -> None:  # fmt: skip
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-        if strategy == "stochastic" and generator is None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        strategy: str = "naive",
+        fmt: str | Format | torch.dtype | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        count_lost: bool = True,
+        ddp: torch.nn.Module | None = None,
+    ) -> None:
+        if get_strategy(strategy).needs_generator and generator is None:  # unknown names: ValueError
             raise ValueError(
-                "strategy 'stochastic' needs generator=torch.Generator(...).manual_seed(seed) so that the "
+                f"strategy {strategy!r} needs generator=torch.Generator(...).manual_seed(seed) so that the "
                 "accumulated gradients can be reproduced; got generator=None"
             )
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -188,8 +196,14 @@ class GradientAccumulator:
             if ddp_params is not None and id(p) not in ddp_params:
                 raise ValueError(f"parameter {label} is not a parameter of the ddp module {type(ddp).__name__}")
             pfmt = get_format(p.dtype)
-            acc = Accumulator(strategy, pfmt if buffer_format is None else buffer_format, p.shape, device=p.device,
-                              generator=generator, count_lost=count_lost)  # fmt: skip
+            acc = Accumulator(
+                strategy,
+                pfmt if buffer_format is None else buffer_format,
+                p.shape,
+                device=p.device,
+                generator=generator,
+                count_lost=count_lost,
+            )
             slots.append(_Slot(name, p, pfmt, acc))
         if not slots:
             raise ValueError("no parameter with requires_grad=True was given")
@@ -241,8 +255,9 @@ class GradientAccumulator:
                 "moving or casting the model"
             )
         if g.layout != torch.strided:
-            raise RuntimeError(f"parameter {slot.describe()} received a {g.layout} gradient; only dense gradients "
-                               "can be accumulated")  # fmt: skip
+            raise RuntimeError(
+                f"parameter {slot.describe()} received a {g.layout} gradient; only dense gradients can be accumulated"
+            )
         sync = self.ddp is not None and self._sync_armed
         if sync and slot.synced:
             raise RuntimeError(
@@ -325,8 +340,12 @@ class GradientAccumulator:
 
     def stats(self) -> dict[str, int]:
         """The current window's ``micro_steps``, ``element_adds``, ``lost_updates``, ``nonfinite_inputs``."""
-        return {"micro_steps": self.micro_steps, "element_adds": self.element_adds,
-                "lost_updates": self.lost_updates, "nonfinite_inputs": self.nonfinite_inputs}  # fmt: skip
+        return {
+            "micro_steps": self.micro_steps,
+            "element_adds": self.element_adds,
+            "lost_updates": self.lost_updates,
+            "nonfinite_inputs": self.nonfinite_inputs,
+        }
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -420,5 +439,7 @@ class GradientAccumulator:
     def __repr__(self) -> str:
         fmt = "param" if self.format is None else self.format.name
         state = "removed" if self._removed else f"micro_steps={self.micro_steps}"
-        return (f"GradientAccumulator({self.strategy!r}, {fmt!r}, parameters={len(self._slots)}, "
-                f"ddp={self.ddp is not None}, {state})")  # fmt: skip
+        return (
+            f"GradientAccumulator({self.strategy!r}, {fmt!r}, parameters={len(self._slots)}, "
+            f"ddp={self.ddp is not None}, {state})"
+        )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from experiments import claims
-from precision_lab.results import write_csv
+from precision_lab.lab.results import write_csv
 
 
 def _eq_rows() -> list[dict[str, str]]:

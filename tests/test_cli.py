@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments import get_experiment, summation
-from precision_lab import cli
-from precision_lab.results import atomic_write_text, read_csv, write_csv
+from experiments import get_figures, summation
+from precision_lab.lab import cli
+from precision_lab.lab.results import atomic_write_text, read_csv, write_csv
 
 TINY = summation.Config(formats=("bf16", "fp8_e5m2"), streams=("constant", "low_snr"), n_max=32, elements=8, trials=2)
 
@@ -67,7 +67,7 @@ def test_cuda_without_gpu_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -
 
 def test_console_script_entry_point_runs() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "precision_lab.cli", "list"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "precision_lab.lab.cli", "list"], capture_output=True, text=True, check=True
     )
     assert "summation" in out.stdout
 
@@ -103,7 +103,7 @@ def test_summation_results_match_theory(tmp_path: Path) -> None:
 
 def test_plot_reads_stored_results(tmp_path: Path) -> None:
     summation.run(TINY, tmp_path / "summation", seed=0)
-    paths = get_experiment("summation").plot(tmp_path / "summation", tmp_path / "figures")
+    paths = get_figures("summation").plot(tmp_path / "summation", tmp_path / "figures")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
 
 
@@ -157,7 +157,7 @@ def test_crash_during_write_leaves_previous_file_and_no_temporary(
     def killed(*args: object) -> None:  # the process dies between writing the temporary and the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("precision_lab.results.os.replace", killed)
+    monkeypatch.setattr("precision_lab.lab.results.os.replace", killed)
     with pytest.raises(KeyboardInterrupt):
         atomic_write_text(path, "half")
     assert path.read_text() == "complete,old\n"

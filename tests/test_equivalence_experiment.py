@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from experiments import equivalence
-from precision_lab.results import read_csv
+from precision_lab.lab.results import read_csv
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from experiments import memory_pareto as mp
+from experiments.figures.memory_pareto import pareto_front, plot, summarise
 from precision_lab.accumulators import Accumulator
-from precision_lab.results import read_csv
+from precision_lab.lab.results import read_csv
 
 ISSUE_COLUMNS = (
     "experiment",
@@ -197,43 +199,43 @@ def keys(front: list) -> list:
 def test_pareto_front_drops_dominated_points() -> None:
     pts = [("a", 1, 1.0), ("b", 2, 0.5), ("c", 2, 0.8), ("d", 4, 0.5), ("e", 8, 0.1), ("f", 4, 0.9)]
     # c: same bytes as b, more error; d: same error as b, more bytes; f: worse than b on both
-    assert keys(mp.pareto_front(pts)) == ["a", "b", "e"]
+    assert keys(pareto_front(pts)) == ["a", "b", "e"]
     for perm in itertools.permutations(pts):
-        assert mp.pareto_front(perm) == mp.pareto_front(pts)
+        assert pareto_front(perm) == pareto_front(pts)
 
 
 def test_pareto_front_keeps_duplicates_and_breaks_ties_by_key() -> None:
-    assert keys(mp.pareto_front([("z", 2, 0.5), ("y", 2, 0.5), ("x", 4, 0.1)])) == ["y", "z", "x"]
-    assert keys(mp.pareto_front([("a", 4, 0.5), ("b", 4, 0.5), ("c", 2, 0.5)])) == ["c"]  # c beats both on bytes
+    assert keys(pareto_front([("z", 2, 0.5), ("y", 2, 0.5), ("x", 4, 0.1)])) == ["y", "z", "x"]
+    assert keys(pareto_front([("a", 4, 0.5), ("b", 4, 0.5), ("c", 2, 0.5)])) == ["c"]  # c beats both on bytes
 
 
 def test_pareto_front_with_a_tolerance_counts_near_ties_as_ties() -> None:
     # 8 bytes buy 4% over 4 bytes: not enough at rtol 5%, enough at 0
     pts = [("four", 4, 1.00), ("eight", 8, 0.96), ("sixteen", 16, 0.5)]
-    assert keys(mp.pareto_front(pts)) == ["four", "eight", "sixteen"]
-    assert keys(mp.pareto_front(pts, rtol=0.05)) == ["four", "sixteen"]
+    assert keys(pareto_front(pts)) == ["four", "eight", "sixteen"]
+    assert keys(pareto_front(pts, rtol=0.05)) == ["four", "sixteen"]
     # equal bytes, errors within the tolerance: neither dominates, both kept; beyond it, the worse goes
-    assert keys(mp.pareto_front([("a", 4, 1.00), ("b", 4, 1.04)], rtol=0.05)) == ["a", "b"]
-    assert keys(mp.pareto_front([("a", 4, 1.00), ("b", 4, 1.06)], rtol=0.05)) == ["a"]
+    assert keys(pareto_front([("a", 4, 1.00), ("b", 4, 1.04)], rtol=0.05)) == ["a", "b"]
+    assert keys(pareto_front([("a", 4, 1.00), ("b", 4, 1.06)], rtol=0.05)) == ["a"]
     # a cheaper point slightly worse (within 5%) still dominates the dearer one
-    assert keys(mp.pareto_front([("cheap", 2, 1.04), ("dear", 4, 1.00)], rtol=0.05)) == ["cheap"]
+    assert keys(pareto_front([("cheap", 2, 1.04), ("dear", 4, 1.00)], rtol=0.05)) == ["cheap"]
     for bad in (-0.1, math.nan, math.inf):
-        with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
-            mp.pareto_front(pts, rtol=bad)
+        with pytest.raises(ValueError, match=re.escape("rtol must be a real number in [0, inf)")):
+            pareto_front(pts, rtol=bad)
 
 
 def test_pareto_front_edge_values() -> None:
-    assert mp.pareto_front([]) == []
-    assert keys(mp.pareto_front([("only", 3, 0.2)])) == ["only"]
+    assert pareto_front([]) == []
+    assert keys(pareto_front([("only", 3, 0.2)])) == ["only"]
     # an infinite error is on the front only as the cheapest point; NaN is incomparable and left out
-    assert keys(mp.pareto_front([("inf", 1, math.inf), ("one", 2, 1.0)])) == ["inf", "one"]
-    assert keys(mp.pareto_front([("inf", 2, math.inf), ("one", 2, 1.0)])) == ["one"]
-    assert keys(mp.pareto_front([("nan", 1, math.nan), ("one", 2, 1.0)])) == ["one"]
-    assert keys(mp.pareto_front([("zero", 16, 0.0), ("one", 2, 1.0)])) == ["one", "zero"]
+    assert keys(pareto_front([("inf", 1, math.inf), ("one", 2, 1.0)])) == ["inf", "one"]
+    assert keys(pareto_front([("inf", 2, math.inf), ("one", 2, 1.0)])) == ["one"]
+    assert keys(pareto_front([("nan", 1, math.nan), ("one", 2, 1.0)])) == ["one"]
+    assert keys(pareto_front([("zero", 16, 0.0), ("one", 2, 1.0)])) == ["one", "zero"]
     with pytest.raises(ValueError, match="bytes of 'neg'"):
-        mp.pareto_front([("neg", -1, 0.1)])
+        pareto_front([("neg", -1, 0.1)])
     with pytest.raises(ValueError, match="bytes of 'nan'"):
-        mp.pareto_front([("nan", math.nan, 0.1)])
+        pareto_front([("nan", math.nan, 0.1)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,12 +309,12 @@ def test_at_equal_bytes_fp32_naive_beats_bf16_kahan(tiny_run: Path) -> None:
 
     Its error is at least its input floor, ~2^16 times fp32's rounding; 100x is a margin of ~600x.
     """
-    table = mp.summarise(read_csv(tiny_run))
+    table = summarise(read_csv(tiny_run))
     for n in (16, 256):
-        e = {(x["buffer_format"], x["strategy"]): x for x in table[("mlp", n)]}
-        assert e[("fp32", "naive")]["bytes"] == e[("bf16", "kahan")]["bytes"] == 4
-        assert e[("fp32", "naive")]["error"] * 100 < e[("bf16", "kahan")]["error"]
-        front = [k for k, x in e.items() if x["on_front"]]
+        e = {(x.buffer_format, x.strategy): x for x in table[("mlp", n)]}
+        assert e[("fp32", "naive")].bytes == e[("bf16", "kahan")].bytes == 4
+        assert e[("fp32", "naive")].error * 100 < e[("bf16", "kahan")].error
+        front = [k for k, x in e.items() if x.on_front]
         assert ("fp32", "naive") in front
         assert ("bf16", "kahan") not in front
 
@@ -327,7 +329,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tiny_run: Path, tmp_path: P
 
 
 def test_plot_writes_png_and_svg(tiny_run: Path, tmp_path: Path) -> None:
-    [png] = mp.plot(tiny_run.parent, tmp_path / "fig")
+    [png] = plot(tiny_run.parent, tmp_path / "fig")
     assert png == tmp_path / "fig" / "memory_pareto.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = png.with_suffix(".svg").read_text()
@@ -363,13 +365,13 @@ def test_quick_config_end_to_end(tmp_path: Path) -> None:
     cfg = mp.Config.quick()
     rows = read_csv(mp.run(cfg, tmp_path, progress=False))
     assert len(rows) == len(cfg.tasks()) * len(cfg.buffers)
-    table = mp.summarise(rows)
+    table = summarise(rows)
     assert set(table) == {("mlp", 16), ("mlp", 256), ("transformer", 4), ("transformer", 32)}
     for w, small, large in (("mlp", 16, 256), ("transformer", 4, 32)):
         pw = {
-            n: next(e["bytes"] for e in table[(w, n)] if (e["buffer_format"], e["strategy"]) == ("bf16", "pairwise"))
+            n: next(e.bytes for e in table[(w, n)] if (e.buffer_format, e.strategy) == ("bf16", "pairwise"))
             for n in (small, large)
         }
         assert pw[large] > pw[small]
-        assert any(e["on_front"] and e["buffer_format"] == "fp32" for e in table[(w, large)])
-    assert mp.plot(tmp_path, tmp_path / "fig")[0].exists()
+        assert any(e.on_front and e.buffer_format == "fp32" for e in table[(w, large)])
+    assert plot(tmp_path, tmp_path / "fig")[0].exists()

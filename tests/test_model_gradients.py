@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from experiments import model_gradients as mg
-from precision_lab import cli
-from precision_lab.results import read_csv
+from precision_lab.lab import cli
+from precision_lab.lab.results import read_csv
 
 ISSUE_COLUMNS = (
     "experiment",

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from experiments import overhead
+from experiments.figures.overhead import plot
 from experiments.overhead import TensorMemoryTracker, train_step
 from precision_lab._threads import intra_op_threads
-from precision_lab.results import read_csv
+from precision_lab.lab.results import read_csv
 from precision_lab.workloads import make_workload
 
 _NATIVE_ENV = os.environ.get("PRECISION_LAB_NATIVE")  # as the session started, before any run
@@ -128,7 +129,7 @@ def test_same_seed_same_non_timing_columns(result: Path, tmp_path: Path) -> None
 
 
 def test_plot_writes_png_and_svg(result: Path, tmp_path: Path) -> None:
-    (png,) = overhead.plot(result.parent, tmp_path / "figures")
+    (png,) = plot(result.parent, tmp_path / "figures")
     assert png == tmp_path / "figures" / "overhead.png"
     assert png.stat().st_size > 10_000
     assert png.with_suffix(".svg").stat().st_size > 10_000

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from experiments import summation
+from experiments.figures.summation import plot
 from precision_lab import Accumulator, get_format, metrics, round_nearest, theory
-from precision_lab.results import read_csv
-from precision_lab.sweep import power_grid, stable_seed
+from precision_lab.lab.results import read_csv
+from precision_lab.measure import power_grid, stable_seed
 
 TINY = summation.Config(
     formats=("bf16", "fp16", "fp8_e5m2"), streams=tuple(summation.STREAMS), n_max=64, elements=8, trials=2
@@ -149,7 +150,7 @@ def test_thread_count_does_not_change_the_bytes(tmp_path: Path) -> None:
 
 
 def test_tasks_are_one_per_trial_and_format() -> None:
-    assert TINY.tasks() == [{"trial": t, "buffer_format": f} for t in range(2) for f in TINY.formats]
+    assert TINY.tasks() == [summation.Task(trial=t, buffer_format=f) for t in range(2) for f in TINY.formats]
 
 
 @pytest.mark.parametrize(
@@ -164,7 +165,7 @@ def test_tasks_are_one_per_trial_and_format() -> None:
         ("n_max", 2.5, "n_max must be an integer >= 1, got 2.5"),
         ("elements", -3, "elements must be an integer >= 1, got -3"),
         ("trials", True, "trials must be an integer >= 1, got True"),
-        ("lam", 0.0, "lam must be a finite number > 0, got 0.0"),
+        ("lam", 0.0, "lam must be a real number in (0, inf), got 0.0"),
         ("lam", math.inf, "got inf"),
     ],
 )
@@ -248,7 +249,7 @@ def test_experiment_matches_an_independent_oracle() -> None:
                 math.sqrt(sum(math.fsum(abs(v) for v in c.tolist()) ** 2 for c in cols[:n].T)) / float(ref.norm()),
                 rel=1e-14,
             )
-    for g in summation.STRATEGIES:  # the counts compared are not trivially 0 (fp8_e5m2 loses many updates)
+    for g in summation.SWEPT_STRATEGIES:  # the counts compared are not trivially 0 (fp8_e5m2 loses many updates)
         assert any(float(at[s, g, 128]["lost_update_fraction"]) > 0.01 for s in cfg.streams), g
     sr = Accumulator(
         "stochastic",
@@ -424,7 +425,7 @@ def test_probabilistic_bounds_hold_at_their_stated_probability(
 # figures
 # --------------------------------------------------------------------------------------------------
 def test_plot_writes_png_and_svg_from_stored_results(tiny_run: Path, tmp_path: Path) -> None:
-    paths = summation.plot(tiny_run.parent, tmp_path)
+    paths = plot(tiny_run.parent, tmp_path)
     assert [p.name for p in paths] == ["summation.png", "summation_formats.png"]
     for p in paths:
         assert p.read_bytes().startswith(b"\x89PNG")
@@ -444,4 +445,4 @@ def test_quick_config_end_to_end(tmp_path: Path) -> None:
         if (r["stream"], r["strategy"]) == ("constant", "naive")
     }
     assert [naive["bf16", 256], naive["bf16", 512], naive["fp16", 2048], naive["fp16", 4096]] == [0.0, 0.5, 0.0, 0.5]
-    assert len(summation.plot(tmp_path / "summation", tmp_path / "figures")) == 2
+    assert len(plot(tmp_path / "summation", tmp_path / "figures")) == 2

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from experiments import training
-from precision_lab.results import read_csv
+from precision_lab.lab.results import read_csv
 
 TINY = training.Config(
     workloads=("mlp",), micro_batch=(4,), size="quick", n_values=(1, 32), steps=6, eval_every=3, eval_size=128, trials=1

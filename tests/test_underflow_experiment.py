@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from experiments import underflow as uf
-from precision_lab.results import read_csv
+from experiments.figures.underflow import plot
+from precision_lab.lab.results import read_csv
 
 ISSUE_COLUMNS = (
     "experiment",
@@ -248,11 +249,11 @@ def test_flush_counts_by_hand() -> None:
         ({"pairs": (("fp12", "fp16"),)}, "unknown compute format 'fp12'"),
         ({"pairs": (("fp16", "fp7"),)}, "'fp7'"),
         ({"pairs": ()}, "pairs is empty"),
-        ({"loss_scales": (1.0, 0.0)}, "loss scale 0.0 must be a finite number > 0"),
-        ({"loss_scales": (-4.0,)}, "loss scale -4.0 must be"),
-        ({"loss_scales": (math.inf,)}, "loss scale inf must be"),
-        ({"loss_scales": (math.nan,)}, "loss scale nan must be"),
-        ({"n_accum": (0, 4)}, r"n_accum must be integers N >= 1, got \(0, 4\)"),
+        ({"loss_scales": (1.0, 0.0)}, r"loss scale must be a real number in \(0, inf\), got 0.0"),
+        ({"loss_scales": (-4.0,)}, "loss scale must be .*, got -4.0"),
+        ({"loss_scales": (math.inf,)}, "loss scale must be .*, got inf"),
+        ({"loss_scales": (math.nan,)}, "loss scale must be .*, got nan"),
+        ({"n_accum": (0, 4)}, r"n_accum must be integers >= 1, got \(0, 4\)"),
         ({"n_accum": (3,)}, "N=3 does not divide the effective batch 32"),
         ({"effective_batch": (0,), "n_accum": None}, "N_max must be an integer >= 1, got 0"),
         ({"effective_batch": (32, 32)}, "one entry per workload"),
@@ -270,7 +271,7 @@ def test_bad_config_names_the_value(change: dict, needle: str, tmp_path: Path) -
 
 
 def test_plot_writes_png_and_svg_and_marks_the_overflow(tiny_run: Path, tmp_path: Path) -> None:
-    (png,) = uf.plot(tiny_run.parent, tmp_path)
+    (png,) = plot(tiny_run.parent, tmp_path)
     assert png == tmp_path / "underflow.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = (tmp_path / "underflow.svg").read_text()

@@ -432,13 +432,13 @@ def test_zero_spread_gives_the_signal() -> None:
     ("kind", "elements", "kwargs", "bad"),
     [
         ("laplace", 10, {}, "'laplace'"),
-        ("gaussian", 0, {}, "elements=0"),
-        ("gaussian", 10, {"spread": -1.0}, "spread=-1.0"),
-        ("gaussian", 10, {"mean": -0.5}, "mean=-0.5"),
-        ("student_t", 10, {"df": 2.0}, "df=2.0"),
-        ("student_t", 10, {"df": 1.5}, "df=1.5"),
-        ("sparse", 10, {"density": 0.0}, "density=0.0"),
-        ("sparse", 10, {"density": 1.5}, "density=1.5"),
+        ("gaussian", 0, {}, "elements must be an integer >= 1, got 0"),
+        ("gaussian", 10, {"spread": -1.0}, "spread must be a real number in [0, inf), got -1.0"),
+        ("gaussian", 10, {"mean": -0.5}, "mean must be a real number in [0, inf), got -0.5"),
+        ("student_t", 10, {"df": 2.0}, "df (> 2: finite variance) must be a real number in (2, inf), got 2.0"),
+        ("student_t", 10, {"df": 1.5}, "df (> 2: finite variance) must be a real number in (2, inf), got 1.5"),
+        ("sparse", 10, {"density": 0.0}, "density must be a real number in (0, 1], got 0.0"),
+        ("sparse", 10, {"density": 1.5}, "density must be a real number in (0, 1], got 1.5"),
         ("gaussian", 10, {"scale": 1.0}, "'scale'"),
     ],
 )
@@ -448,10 +448,10 @@ def test_make_stream_bad_arguments(kind: str, elements: int, kwargs: dict, bad: 
 
 
 def test_stream_dataclass_validates_and_sample_checks_arguments() -> None:
-    with pytest.raises(ValueError, match=re.escape("density=0.0")):
+    with pytest.raises(ValueError, match=re.escape("density must be a real number in (0, 1], got 0.0")):
         GradientStream("sparse", 10, density=0.0)
     s = make_stream("gaussian", 10)
-    with pytest.raises(ValueError, match=re.escape("n=-1")):
+    with pytest.raises(ValueError, match=re.escape("n must be an integer >= 0, got -1")):
         s.sample(-1, s.signal(_gen(0)), _gen(0))
     with pytest.raises(ValueError, match=re.escape("(10,) float64")):
         s.sample(2, torch.zeros(9, dtype=torch.float64), _gen(0))

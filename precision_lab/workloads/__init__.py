@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: N812 (the conventional name)
 from torch import Tensor, nn
 
 from precision_lab._threads import intra_op_threads
+from precision_lab.checks import check_int
 from precision_lab.workloads.data import (
     CORPUS_FILES,
     DIGITS_SIZE,
@@ -172,8 +173,7 @@ def make_workload(name: str, *, seed: int = 0, size: str = "full", warmup_steps:
         raise ValueError(f"unknown size {size!r}; known: {', '.join(map(repr, SIZES))}")
     if warmup_steps is None:
         warmup_steps = _DEFAULT_WARMUP[size][name]
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps={warmup_steps!r}: must be an integer >= 0 or None")
+    check_int(warmup_steps, "warmup_steps (an integer >= 0, or None for the default)", minimum=0)
     arch = _ARCH[name][size]
 
     info: dict = {"workload": name, "size": size, "seed": seed}

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from precision_lab.checks import check_choice, check_int, check_real
+
 __all__ = ["STREAM_KINDS", "GradientStream", "make_stream"]
 
 STREAM_KINDS: tuple[str, ...] = ("gaussian", "student_t", "sparse")
@@ -81,18 +83,13 @@ class GradientStream:
     density: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.kind not in STREAM_KINDS:
-            raise ValueError(f"unknown stream kind {self.kind!r}; known: {', '.join(map(repr, STREAM_KINDS))}")
-        if isinstance(self.elements, bool) or not isinstance(self.elements, int) or self.elements < 1:
-            raise ValueError(f"elements={self.elements!r}: must be an integer >= 1")
-        if not (math.isfinite(self.mean) and self.mean >= 0):
-            raise ValueError(f"mean={self.mean!r}: must be finite and >= 0")
-        if not (math.isfinite(self.spread) and self.spread >= 0):
-            raise ValueError(f"spread={self.spread!r}: must be finite and >= 0")
-        if not (math.isfinite(self.df) and self.df > 2):
-            raise ValueError(f"df={self.df!r}: must be finite and > 2 (the variance is infinite for df <= 2)")
-        if not (0 < self.density <= 1):
-            raise ValueError(f"density={self.density!r}: must be in (0, 1]")
+        check_choice(self.kind, "stream kind", STREAM_KINDS)
+        check_int(self.elements, "elements")
+        check_real(self.mean, "mean", low=0.0, high=math.inf, high_open=True)
+        check_real(self.spread, "spread", low=0.0, high=math.inf, high_open=True)
+        # df > 2: the variance is infinite for df <= 2
+        check_real(self.df, "df (> 2: finite variance)", low=2.0, low_open=True, high=math.inf, high_open=True)
+        check_real(self.density, "density", low=0.0, low_open=True, high=1.0)
 
     def variance(self) -> float:
         """Per-element variance of one micro-gradient ``g_i`` (spread², or the sparse formula)."""
@@ -120,8 +117,7 @@ class GradientStream:
         Returns:
             (n, elements) float64.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n={n!r}: must be an integer >= 0")
+        check_int(n, "n", minimum=0)
         if signal.shape != (self.elements,) or signal.dtype != torch.float64:
             raise ValueError(
                 f"signal must be a ({self.elements},) float64 tensor; got {tuple(signal.shape)} {signal.dtype}"

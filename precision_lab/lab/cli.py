@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(name: str, *, quick: bool, out: Path, device: str, seed: int, shard: str | None = None) -> bool:
     from experiments import get_experiment
-    from precision_lab.sweep import parse_shard
+    from precision_lab.lab.runner import parse_shard
 
     exp = get_experiment(name)
     part = parse_shard(shard)
@@ -96,7 +96,7 @@ def _run_parallel(name: str, *, jobs: int, quick: bool, out: Path, device: str, 
         base = [
             sys.executable,
             "-m",
-            "precision_lab.cli",
+            "precision_lab.lab.cli",
             "run",
             name,
             "--out",
@@ -107,9 +107,9 @@ def _run_parallel(name: str, *, jobs: int, quick: bool, out: Path, device: str, 
             str(seed),
             *(["--quick"] if quick else []),
         ]
-        # Split the cores between the shards: oversubscribed numba/OpenMP workers spin, and with 2
-        # shards x 2 threads on 2 cores a sweep ran ~10x slower (measured). Results do not depend
-        # on thread counts (tested), only the speed does.
+        # Split the cores between the shards: oversubscribed numba/OpenMP workers spin and slow a
+        # sweep down many times over (the README's measured table). Results do not depend on
+        # thread counts (tested), only the speed does.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         per = str(max(1, cores // jobs))
         env = {**os.environ, "OMP_NUM_THREADS": per, "NUMBA_NUM_THREADS": per}
@@ -124,9 +124,9 @@ def _run_parallel(name: str, *, jobs: int, quick: bool, out: Path, device: str, 
 
 
 def _plot(name: str, out: Path, fig_dir: Path) -> None:
-    from experiments import get_experiment
+    from experiments import get_figures
 
-    for path in get_experiment(name).plot(out / name, fig_dir):
+    for path in get_figures(name).plot(out / name, fig_dir):
         print(f"{name}: figure {path}")
 
 
