@@ -42,6 +42,7 @@ import math
 import torch
 
 from precision_lab import _native
+from precision_lab.checks import check_real
 from precision_lab.formats import Format, get_format
 from precision_lab.rounding import round_nearest
 from precision_lab.strategies import BUILTIN_STRATEGIES, Strategy, get_strategy
@@ -224,8 +225,7 @@ class Accumulator:
         ``post`` scaling in fp16 can lose small sums to underflow just as ``pre`` scaling can.
         The buffer itself is not changed.
         """
-        if not (isinstance(factor, (int, float)) and math.isfinite(factor)):
-            raise ValueError(f"factor must be a finite number, got {factor!r}")
+        check_real(factor, "factor", low=-math.inf, low_open=True, high=math.inf, high_open=True)
         if factor == 1:
             return self.value()
         return self._unit.scaled_value(factor)

@@ -49,7 +49,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from precision_lab._threads import intra_op_threads
-from precision_lab.checks import check_int
+from precision_lab.checks import check_int, check_real
 
 __all__ = [
     "COMPUTE_FORMATS",
@@ -215,8 +215,7 @@ class GradientEngine:
             raise ValueError(f"inputs hold {inputs.shape[0]} samples but targets {targets.shape[0]}")
         b = split(inputs.shape[0], n_micro)
         for name, v in (("divide_by", divide_by), ("loss_scale", loss_scale)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            check_real(v, name, low=0.0, low_open=True, high=math.inf, high_open=True)
         x = _cast_input(inputs, self.dtype).to(self.device).reshape(n_micro, b, *inputs.shape[1:])
         y = targets.to(self.device).reshape(n_micro, b, *targets.shape[1:])
         g = grad(self._loss)

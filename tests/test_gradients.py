@@ -181,8 +181,8 @@ def test_engine_leaves_the_model_alone_and_flattens_in_parameter_order() -> None
         ({"chunk_size": 0}, {"n_micro": 1}, "chunk_size must be an integer >= 1, got 0"),
         ({}, {"n_micro": 0}, "N must be an integer >= 1, got 0"),
         ({}, {"n_micro": 3}, "a batch of 8 samples does not split into N=3"),
-        ({}, {"n_micro": 2, "divide_by": 0}, "divide_by must be a finite number > 0, got 0"),
-        ({}, {"n_micro": 2, "loss_scale": float("inf")}, "loss_scale must be a finite number > 0, got inf"),
+        ({}, {"n_micro": 2, "divide_by": 0}, "divide_by must be a real number in (0, inf), got 0"),
+        ({}, {"n_micro": 2, "loss_scale": float("inf")}, "loss_scale must be a real number in (0, inf), got inf"),
     ],
     ids=["compute", "method", "chunk", "n0", "split", "divide0", "scale-inf"],
 )
