@@ -85,7 +85,11 @@ Results = dict[str, Rows | None]
 
 
 def load_results(out_dir: str | Path, names: Iterable[str]) -> Results:
-    """``{experiment: rows}`` for every name whose ``out_dir/name/results.csv`` exists, else None."""
+    """``{experiment: rows}`` for every name whose ``out_dir/name/results.csv`` exists, else None.
+
+    Each file is checked against its ``metadata.json`` (:func:`precision_lab.lab.results.read_csv`):
+    a file cut short or edited raises a ValueError naming it.
+    """
     out: Results = {}
     for name in names:
         path = Path(out_dir) / name / "results.csv"
@@ -536,8 +540,31 @@ def render(verdicts: list[Verdict], *, header: str = "") -> str:
 
 
 def write_report(out_dir: str | Path, fig_dir: str | Path, names: Iterable[str], *, header: str = "") -> Path:
-    """Evaluate every claim from ``out_dir/<name>/results.csv`` and write ``fig_dir/CLAIMS.md`` atomically."""
+    """Evaluate every claim from ``out_dir/<name>/results.csv`` and write ``fig_dir/CLAIMS.md`` atomically.
+
+    Every results file is checked as it is read (:func:`precision_lab.lab.results.read_csv`).
+
+    Raises:
+        ValueError: A results file or its ``metadata.json`` is unreadable, cut short or edited
+            (:class:`~precision_lab.lab.results.BadFile`, naming it), or a value in a results file
+            that has no ``metadata.json`` to check it against cannot be used (naming those files).
+            Nothing is written then.
+    """
+    names = list(names)
+    results = load_results(out_dir, names)
+    try:
+        text = render(evaluate(results), header=header)
+    except (ValueError, KeyError) as exc:
+        unchecked = [
+            str(Path(out_dir) / n / "results.csv")
+            for n in names
+            if results.get(n) is not None and not (Path(out_dir) / n / "metadata.json").exists()
+        ]
+        what = f"'{exc.args[0]}' is missing" if isinstance(exc, KeyError) else str(exc)
+        where = f"results without metadata.json to check them: {', '.join(unchecked)}" if unchecked else "the code"
+        raise ValueError(
+            f"cannot evaluate the claims from {out_dir}: {what} (suspect {where}); run that experiment again"
+        ) from exc
     path = Path(fig_dir) / "CLAIMS.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, render(evaluate(load_results(out_dir, names)), header=header))
+    atomic_write_text(path, text)
     return path

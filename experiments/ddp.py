@@ -21,10 +21,12 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -83,6 +85,36 @@ class Task:
 
 def _micro(xs: torch.Tensor, ys: torch.Tensor, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return (xs[i].to(dtype) if xs.is_floating_point() else xs[i]), ys[i]
+
+
+def leave_process_group(rank: int, world: int, marker: str, timeout: float = 600.0) -> NoReturn:
+    """End a gloo rank deterministically: barrier, destroy the group, wait for every rank, flush, ``os._exit(0)``.
+
+    gloo's threads (``gloo_tcp_loop``, ``pt_gloo_runloop``) outlive ``destroy_process_group()`` while
+    DDP modules still reference the group, and at a normal interpreter exit they are torn down by
+    C++ static destructors while running: under CPU load a rank then dies with "terminate called
+    without an active exception" (SIGABRT) after its work is done (pytorch/pytorch#190489, and
+    #179291 on tearing gloo down during finalisation).  ``os._exit`` skips the interpreter's
+    finalisation and those destructors; the kernel ends the threads.  Before that: the barrier
+    (no collective is pending on any rank), the group destroyed, and a marker file per rank
+    (``MARKER.left.RANK``) so that no rank closes its sockets while a peer is still inside gloo (at
+    most ``timeout`` seconds: a peer that died is not waited for).  Output files must be written
+    and closed before the call; stdout and stderr are flushed here.
+
+    Under ``torch.multiprocessing.spawn`` the parent sees exit code 0, as for a normal return: its
+    error queue is written only when the function raises, and an exception never reaches this call.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    Path(f"{marker}.left.{rank}").touch()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(os.path.exists(f"{marker}.left.{r}") for r in range(world)):
+        time.sleep(0.01)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _worker(rank: int, world: int, rendezvous: str, config: dict[str, Any], seed: int, out_file: str) -> None:
@@ -158,8 +190,7 @@ def _worker(rank: int, world: int, rendezvous: str, config: dict[str, Any], seed
                     )
     if rank == 0:
         Path(out_file).write_text(json.dumps(rows))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group(rank, world, rendezvous)
 
 
 def run(

@@ -13,7 +13,7 @@ effective batch in the model-gradients experiment (N = 16, 256).  Errors are mea
 independent batches (each with its own stochastic-rounding seed).
 
 **Two floors per format** (columns): ``quantisation_floor`` is the fp64 truth rounded once to the
-buffer format; ``input_floor`` is the exact (double-double) sum of the micro-gradients *after*
+buffer format; ``input_floor`` is the exact (superaccumulator) sum of the micro-gradients *after*
 each is rounded to the buffer format, which every strategy does first (``Accumulator.add``), then
 scaled by 1/N.  No strategy in a format removes the rounding of its own addends, so
 ``input_floor`` is what Kahan summation approaches (pairwise, read out as one format number per
@@ -32,8 +32,8 @@ the number of format-sized arrays the strategy keeps per parameter:
   ``bytes_per_element`` uses the unrounded (1 + X + Y) / 8 instead).  tf32 would count 3 bytes
   under this rule; hardware keeps it in 32-bit registers (not in the default grid).
 * arrays: ``naive`` 1; ``stochastic`` 1 (plus one RNG key per *buffer*, not per parameter:
-  negligible); ``kahan`` 2 (sum and compensation, both in the format); ``exact`` two fp64 arrays
-  (16 bytes whatever the format); ``pairwise`` the most partial sums its binary-counter cascade
+  negligible); ``kahan`` and ``neumaier`` 2 (sum and compensation, both in the format); ``exact`` the reference,
+  counted at its capacity (43 int64 digits, 344 bytes, whatever the format; real data need fewer); ``pairwise`` the most partial sums its binary-counter cascade
   holds at once, which grows with N (:func:`pairwise_partial_sums`).
 * the micro-gradient being added (in the compute format) exists for every strategy and is not
   counted.
@@ -56,9 +56,9 @@ results): for one (workload, N), the buffers that no other buffer beats on both 
 error; on the figure, errors within 5% (``FRONT_RTOL``) are ties, so a buffer that costs more must be
 more than 5% more accurate to be on the front.
 
-**Read-outs.**  Kahan's error is that of its compensated read-out ``s - c`` (formed in fp64, as
-``Accumulator.value`` does), which can go below the format's ``quantisation_floor``; an optimizer
-that reads only the bf16 sum ``s`` sees at least that floor (about 1.7e-3 for bf16 here).
+**Read-outs.**  Kahan's error is that of its compensated read-out ``s - c`` (Neumaier's: ``s + c``),
+formed in fp64 as ``Accumulator.value`` does, which can go below the format's ``quantisation_floor``;
+an optimizer that reads only the bf16 sum ``s`` sees at least that floor (about 1.7e-3 for bf16 here).
 Pairwise, naive and stochastic read out one format number per parameter.
 
 ``run`` writes ``results.csv`` + ``metadata.json`` (resumable, shardable);
@@ -82,6 +82,7 @@ from precision_lab.formats import get_format
 from precision_lab.gradients import split
 from precision_lab.lab.runner import run_tasks
 from precision_lab.measure import fixed_effective, stable_seed
+from precision_lab.strategies.exact import MAX_DIGITS
 
 NAME = "memory-pareto"
 COLUMNS = (
@@ -110,22 +111,27 @@ DEFAULT_BUFFERS: tuple[tuple[str, str], ...] = (
     ("fp64", "exact"),
     ("fp32", "naive"),
     ("fp32", "kahan"),
+    ("fp32", "neumaier"),
     ("fp32", "stochastic"),
     ("fp32", "pairwise"),
     ("bf16", "naive"),
     ("bf16", "kahan"),
+    ("bf16", "neumaier"),
     ("bf16", "stochastic"),
     ("bf16", "pairwise"),
     ("fp16", "naive"),
     ("fp16", "kahan"),
+    ("fp16", "neumaier"),
     ("fp16", "stochastic"),
     ("fp16", "pairwise"),
     ("fp8_e4m3", "naive"),
     ("fp8_e4m3", "kahan"),
+    ("fp8_e4m3", "neumaier"),
     ("fp8_e4m3", "stochastic"),
     ("fp8_e4m3", "pairwise"),
     ("fp8_e5m2", "naive"),
     ("fp8_e5m2", "kahan"),
+    ("fp8_e5m2", "neumaier"),
     ("fp8_e5m2", "stochastic"),
     ("fp8_e5m2", "pairwise"),
 )
@@ -148,23 +154,29 @@ def pairwise_partial_sums(n_accum: int) -> int:
 
 
 def buffer_arrays(strategy: str, n_accum: int) -> int:
-    """Format-sized arrays per parameter the strategy keeps (pairwise: its live peak over N adds)."""
+    """Format-sized arrays per parameter the strategy keeps (pairwise: its live peak over N adds).
+
+    ``exact`` is the reference, a superaccumulator whose int64 digits grow with the exponent range
+    of the data; it is counted at its capacity, ``MAX_DIGITS`` digits (the most any data can need).
+    """
     check_int(n_accum, "the accumulation count N")
     if check_choice(strategy, "strategy", STRATEGIES) == "pairwise":
         return pairwise_partial_sums(n_accum)
-    return 2 if strategy in ("kahan", "exact") else 1
+    if strategy == "exact":
+        return MAX_DIGITS
+    return 2 if strategy in ("kahan", "neumaier") else 1
 
 
 def bytes_per_param(fmt: str, strategy: str, n_accum: int) -> int:
-    """Nominal buffer bytes per parameter: ``buffer_arrays`` x ``storage_bytes`` (exact: two fp64)."""
+    """Nominal buffer bytes per parameter: ``buffer_arrays`` x ``storage_bytes`` (exact: int64 digits)."""
     arrays = buffer_arrays(strategy, n_accum)
     return arrays * (8 if strategy == "exact" else storage_bytes(fmt))
 
 
 def emulated_bytes_per_param(fmt: str, strategy: str, n_accum: int) -> int:
-    """Bytes per parameter this emulation stores for the same arrays (fp8 lives in fp32, exact in fp64)."""
+    """Bytes per parameter this emulation stores for the same arrays (fp8 lives in fp32, exact in int64)."""
     arrays = buffer_arrays(strategy, n_accum)
-    dtype = torch.float64 if strategy == "exact" else work_dtype(get_format(fmt))
+    dtype = torch.int64 if strategy == "exact" else work_dtype(get_format(fmt))
     return arrays * torch.empty((), dtype=dtype).element_size()
 
 
@@ -175,8 +187,9 @@ def emulated_bytes_per_param(fmt: str, strategy: str, n_accum: int) -> int:
 class Config:
     """What to sweep: every buffer at each (workload, N) of a fixed effective batch.
 
-    Cost: the MLP at N = 4096 (22 buffers plus 5 floor accumulators on 26k parameters, 4096 adds per
-    trial) takes most of the full config's time; the README has measured times.
+    Cost: the MLP at N = 4096 (27 buffers plus 5 floor accumulators on 26k parameters, 4096 adds per
+    trial) takes most of the full config's time; the README has measured times (of the 22 buffers
+    before the five Neumaier ones joined).
     """
 
     workloads: tuple[str, ...] = ("mlp", "transformer")  # see precision_lab.workloads

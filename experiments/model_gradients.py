@@ -54,7 +54,7 @@ class Config:
     size: str = "full"  # workload size preset ("full" or "quick")
     compute_formats: tuple[str, ...] = ("fp32", "bf16")  # precision of the micro-gradients
     buffer_formats: tuple[str, ...] = ("fp32", "bf16", "fp16")  # accumulation buffer formats
-    strategies: tuple[str, ...] = ("naive", "kahan", "stochastic", "pairwise")
+    strategies: tuple[str, ...] = ("naive", "kahan", "neumaier", "stochastic", "pairwise")
     scalings: tuple[str, ...] = ("pre", "post")  # where 1/N is applied
     fp16_loss_scale: float = 1.0  # static loss scale for fp16 compute (1 = none)
     trials: int = 3  # independent batches (and stochastic-rounding seeds)

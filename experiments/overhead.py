@@ -14,9 +14,10 @@ kernels cost the same whatever the values, so how far training has gone does not
 
 **Modes** (column ``mode``, see :data:`MODES`): ``pytorch`` is plain autograd accumulation into
 fp32 ``p.grad`` (the baseline); the others route every micro-gradient through
-:class:`precision_lab.training.GradientAccumulator` with an fp32 naive, a bf16 Kahan or a bf16
-stochastic-rounding buffer (fp32 parameters throughout), i.e. what a user of our drop-in buffer
-pays on top of PyTorch.  ``count_lost=False`` by default: the overhead of the buffer, not of its
+:class:`precision_lab.training.GradientAccumulator` with an fp32 naive, a bf16 Kahan, a bf16
+Neumaier or a bf16 stochastic-rounding buffer (fp32 parameters throughout), i.e. what a user of our
+drop-in buffer pays on top of PyTorch (Neumaier has no compiled kernel: it always runs its torch
+code path).  ``count_lost=False`` by default: the overhead of the buffer, not of its
 stagnation diagnostics.  ``native=False`` by default: the bf16 buffers run their torch code path
 (``PRECISION_LAB_NATIVE=0`` during the run; the same bits as the numba kernels).  Once the numba
 kernels have run, their OpenMP workers spin between calls, and on the busy development machine
@@ -142,6 +143,7 @@ MODES: tuple[Mode, ...] = (
     Mode("pytorch", None, None),
     Mode("fp32-naive", "fp32", "naive"),
     Mode("bf16-kahan", "bf16", "kahan"),
+    Mode("bf16-neumaier", "bf16", "neumaier"),
     Mode("bf16-stochastic", "bf16", "stochastic"),
 )
 MODE_BY_NAME: dict[str, Mode] = {m.name: m for m in MODES}

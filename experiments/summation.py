@@ -3,7 +3,7 @@
 Each stream is a sequence of micro-gradients g_1, g_2, ... (vectors of ``elements`` entries).  Every
 buffer format x strategy sums the same format-rounded addends x_i = RN(g_i); at every power of two
 N up to ``n_max`` the buffer is compared with the *exact* sum S = sum_i x_i of those same rounded
-addends (a double-double, :class:`~precision_lab.Accumulator` ``"exact"``), so the error measured is
+addends (a superaccumulator, :class:`~precision_lab.Accumulator` ``"exact"``), so the error measured is
 accumulation rounding alone: input quantisation is common to all strategies and not part of it.
 
 Streams (mean / spread is the per-element signal-to-noise ratio of one micro-gradient):
@@ -34,8 +34,8 @@ assumed); that number, clipped at 0, is the stated ``*_confidence``.  The column
 
 * ``bound_worst_case``: ``gamma_{n-1}(u)`` (Higham (4.4)), the worst case of recursive summation with
   round-to-nearest.  Rigorous for ``naive``, and for ``pairwise`` (whose ``gamma_{ceil(log2 n)}`` is
-  smaller); *not* claimed for ``kahan`` (whose own bound exceeds it at small n) nor for
-  ``stochastic`` (each SR step errs by up to 2u, so its worst case is ``gamma_{n-1}(2u)``).
+  smaller); *not* claimed for ``kahan`` and ``neumaier`` (whose own bounds exceed it at small n) nor
+  for ``stochastic`` (each SR step errs by up to 2u, so its worst case is ``gamma_{n-1}(2u)``).
 * ``bound_probabilistic``: ``gamma~_{n-1}(lam; u) = lam sqrt(n-1) u + O(u**2)`` (Higham & Mary 2019,
   Thm 3.1) with the config's ``lam`` (column ``lam``) and ``bound_probabilistic_confidence``.  It is
   a theorem about a *model* of random, independent rounding errors, which RN need not follow: it is
@@ -43,25 +43,31 @@ assumed); that number, clipped at 0, is the stated ``*_confidence``.  The column
   sign), e.g. fp16 at N >= 4096.
 * ``bound_strategy``: the strategy's own bound: ``naive`` gamma_{n-1}(u); ``kahan``
   :func:`~precision_lab.theory.kahan_sum_bound` (3u + O(n u**2), rigorous for the compensated
-  read-out s - c); ``pairwise`` gamma_{ceil(log2 n)}(u); ``stochastic`` Connolly-Higham-Mary 2021,
-  ``gamma~_{n-1}(lam; 2u)``, a theorem for SR with no assumption on the data, holding with
-  ``bound_strategy_confidence`` (1.0 for the three deterministic bounds).
+  read-out s - c); ``neumaier`` :func:`~precision_lab.theory.neumaier_sum_bound`
+  (``u|S_j| + (1 + u) min(1, gamma_{n-2}) min(1, gamma_{n-1}) A_j``, rigorous for the read-out s + c,
+  taken here with ``|S_j| <= A_j``: the coefficient ``u + (1 + u) min(..) min(..)`` times kappa, which
+  gives up the algorithm's ``|S|`` advantage on cancelling streams, a factor up to kappa on the ``u``
+  term only; past ``n u = 1`` the coefficient is ~1 and the bound says nothing); ``pairwise``
+  gamma_{ceil(log2 n)}(u); ``stochastic`` Connolly-Higham-Mary 2021, ``gamma~_{n-1}(lam; 2u)``, a
+  theorem for SR with no assumption on the data, holding with ``bound_strategy_confidence`` (1.0 for
+  the four deterministic bounds).
 
 A bound is ``inf`` (void, not a claim that the error is infinite) where its hypothesis fails: the
 theory function returns inf (e.g. ``(n-1) u >= 1``: bf16 from N = 257 on), an addend of the block was
 non-finite after rounding (``nonfinite_inputs``; fp8_e4m3 has no Inf and turns addends beyond 448 into
 NaN), or the sum may overflow: every partial sum of entry j is at most ``(1 + c) A_j`` in magnitude
 while the bound holds, so ``(1 + c) max_j A_j <= max`` keeps every rounding inside the format's range
-(Kahan: ``<= max / 2``, headroom for the intermediates ``x + e`` and ``u - s`` of its steps).
+(Kahan: ``<= max / 2``, headroom for the intermediates ``x + e`` and ``u - s`` of its steps; Neumaier:
+``<= max / 2`` as well, since its partial sums, compensation and ``s + t`` stay within ``2 A_j``).
 
 Lost updates (``lost_update_fraction``: element-adds that left the buffer unchanged although the
 rounded addend was finite and nonzero) are those of :class:`~precision_lab.Accumulator`.  For speed the
-naive, kahan and stochastic buffers of all streams of a (format, trial) share one wide buffer (the
-cost of an add is mostly per call, not per entry), and their lost updates are counted per stream from
-the public state with the Accumulator's definitions: naive and stochastic ``s`` unchanged; kahan
-``s`` and the read-out ``s - c`` unchanged (the same as ``s`` and ``c`` unchanged unless c moves by
-less than half an fp64 ulp of s, ~2^-53 |s|, which takes an addend and a compensation some 2^45
-times smaller than the sum).  Pairwise buffers are one per stream and count their own (absorption in
+naive, kahan, neumaier and stochastic buffers of all streams of a (format, trial) share one wide
+buffer (the cost of an add is mostly per call, not per entry), and their lost updates are counted per
+stream from the public state with the Accumulator's definitions: naive and stochastic ``s``
+unchanged; kahan and neumaier ``s`` and the read-out (``s - c``, ``s + c``) unchanged (the same as
+``s`` and ``c`` unchanged unless c moves by less than half an fp64 ulp of s, ~2^-53 |s|, which takes
+an addend and a compensation some 2^45 times smaller than the sum).  Pairwise buffers are one per stream and count their own (absorption in
 any merge of the cascade).  The tests check these counts against one Accumulator per stream.
 
 Computing and plotting are separate: ``run`` writes ``results.csv`` + ``metadata.json`` (resumable,
@@ -93,7 +99,7 @@ from precision_lab.workloads import make_stream
 
 NAME = "summation"
 #: the strategies swept (the library's STRATEGIES less "exact", which is the reference)
-SWEPT_STRATEGIES: tuple[str, ...] = ("naive", "kahan", "stochastic", "pairwise")
+SWEPT_STRATEGIES: tuple[str, ...] = ("naive", "kahan", "neumaier", "stochastic", "pairwise")
 
 
 class StreamLaw(NamedTuple):
@@ -145,9 +151,7 @@ class Config:
     pairwise buffer per stream, so ``elements`` costs little and ``n_max``, ``formats``, ``streams``
     and ``trials`` set the time; per add, tf32 costs ~3x bf16 and fp8 ~1.5x (rounding emulated).
     Memory: a trial's draws are kept for all its formats (n_max x streams x elements fp64, 0.54 GB
-    for the full config).  With the numba kernels on (the default), bf16 stochastic rounding of
-    these small buffers goes through the compiled kernel whatever its size (``rounding._finish_sr_bf16``),
-    whose per-call overhead makes the quick run several times slower (the same bytes).
+    for the full config).
     """
 
     formats: tuple[str, ...] = ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "tf32", "fp32")  # buffer formats
@@ -235,7 +239,7 @@ class Coefficient(NamedTuple):
 
     c: float  # the coefficient c(n, u): the theory function at abs_sum = 1
     probability: float  # Q, the per-entry probability that it holds (1 for deterministic bounds)
-    headroom: float  # the factor by which (1 + c) max A must stay below the format's max (2: Kahan)
+    headroom: float  # the factor by which (1 + c) max A must stay below the format's max (2: Kahan, Neumaier)
 
 
 def coefficients(strategy: str, n: int, u: float, lam: float) -> dict[str, Coefficient]:
@@ -249,6 +253,8 @@ def coefficients(strategy: str, n: int, u: float, lam: float) -> dict[str, Coeff
         own = worst
     elif strategy == "kahan":
         own = Coefficient(theory.kahan_sum_bound(n, u, 1.0), 1.0, 2.0)  # headroom for x + e and u - s
+    elif strategy == "neumaier":  # abs_total = abs_sum: |S_j| <= A_j (module docstring)
+        own = Coefficient(theory.neumaier_sum_bound(n, u, 1.0), 1.0, 2.0)  # partial sums within 2 A
     elif strategy == "pairwise":
         own = Coefficient(theory.pairwise_sum_bound(n, u, 1.0), 1.0, 1.0)
     elif strategy == "stochastic":
@@ -333,7 +339,8 @@ def measure_task(
     # The reference: the exact sums of the rounded addends and of their magnitudes, side by side.
     exact = Accumulator("exact", "fp64", (2 * width,), device=device)
     before = {s: acc.raw_sum() for s, acc in wide.items()}
-    readout = {"kahan": wide["kahan"].value()} if "kahan" in wide else {}
+    compensated = [s for s in ("kahan", "neumaier") if s in wide]  # two numbers per entry: s and c
+    readout = {s: wide[s].value() for s in compensated}
     lost = buffers.lost
     bad_before = torch.zeros(blocks, dtype=torch.int64, device=device)  # non-finite addends of earlier chunks
     dtype = work_dtype(fmt)
@@ -353,7 +360,7 @@ def measure_task(
                 acc.add(x_work[i])
                 now = acc.raw_sum()
                 gone = absorbed(now, before[s], x_work[i])  # the library's one lost-update test
-                if s == "kahan":  # s and c both unchanged: s and the read-out s - c unchanged
+                if s in readout:  # s and c both unchanged: s and the read-out s -+ c unchanged
                     out = acc.value()
                     gone &= out == readout[s]
                     readout[s] = out

@@ -69,6 +69,7 @@ RUNS: tuple[Run, ...] = (
     Run("bf16 params, fp32 buffer", "bf16", "fp32", "naive"),
     Run("bf16 naive", "bf16", "bf16", "naive"),
     Run("bf16 kahan", "bf16", "bf16", "kahan"),
+    Run("bf16 neumaier", "bf16", "bf16", "neumaier"),
     Run("bf16 stochastic", "bf16", "bf16", "stochastic"),
     Run("bf16 pairwise", "bf16", "bf16", "pairwise"),
 )
@@ -182,6 +183,7 @@ def run(
                 strategy=r.strategy,
                 fmt=r.buffer_format,
                 generator=gen if r.strategy == "stochastic" else None,
+                count_lost=True,  # the lost_update_fraction column
             )
             trainees.append(_Trainee(r, m, opt, acc))
         rows: list[dict[str, Any]] = []

@@ -7,7 +7,7 @@ parallel loop over the elements, and gives **the same bits** as the torch code i
 ``sr_bf16``               fp32 -> bf16 stochastic rounding, the bits of ``rounding._sr_bf16_torch``
 ``naive_add_bf16``        ``s <- RN(s + t)`` in bf16, the bits of ``s.add_(t)``, plus the lost count
 ``kahan_add_bf16``        one Kahan step with every op rounded to bf16, as ``strategies.kahan.kahan_step``
-``sr_add_bf16``           ``s <- SR(float(s) + float(t))``, as ``strategies.stochastic.stochastic_step``
+``sr_add_bf16``           ``s <- SR(s + t)`` of the exact sum, the bits of ``rounding.sr_bf16_sum_keyed``
 ``count_nonfinite_bf16``  ``int((~torch.isfinite(t)).sum())`` for a bf16 ``t``, in one pass
 ========================  ========================================================================
 
@@ -21,8 +21,25 @@ counter i // 4, see :mod:`precision_lab._random`, so one hash serves four elemen
     result                    s eeeeeeee mmmmmmm | 0000000000000000     (uint32 wrap = torch's)
 
 bf16 <-> fp32: a bf16 pattern h is the fp32 pattern ``h << 16``; fp32 -> bf16 rounds to nearest
-even as torch's cast does: ``(b + 0x7FFF + ((b >> 16) & 1)) >> 16``.  Sums are formed in fp32
-(``float(s) + float(t)``, one fp32 rounding) exactly as torch's bf16 ``add``/``sub`` do.
+even as torch's cast does: ``(b + 0x7FFF + ((b >> 16) & 1)) >> 16``.  The naive and Kahan kernels
+form sums in fp32 (``float(s) + float(t)``, one fp32 rounding) exactly as torch's bf16
+``add``/``sub`` do.
+
+``sr_add_bf16`` rounds the EXACT sum: a wide sum rounded to nearest first would lose every addend
+below half of fp32's spacing at s (2^-25 to 2^-24 of |s|) before the random decision sees it.  fp32 TwoSum gives ``s + t = h + e``
+exactly (s and t are bf16 numbers; an fp32 overflow means ``|s + t| >= 2^128``, which is Inf in bf16
+anyway), and the fast path above runs on ``Alo``, the fp32 bits of ``|s + t|`` rounded down: ``h``'s
+bits, minus one where ``e`` points toward zero.  Where ``e != 0`` and the low 16 bits of
+``Alo + r`` come out 0xFFFF (probability 2^-16: the one lane value at which ``e`` can still change
+the outcome), a second decision from the stream ``_random.pair_key(key)`` adds one more::
+
+    result = (Alo + r + C) >> 16,   C = [U' < theta] xor [e points toward zero],
+                                    theta = |e| / ulp32(Alo), U' the 63-bit words of element i
+
+so P(up) = (L + psi) / 2^16 with L the low 16 bits of Alo and psi the position of ``|s + t|``
+between Alo and the next fp32 number: exactly (|s + t| - down) / (up - down).  The vectorised loop
+stores each element's old value and a flag; a second, scalar pass over a chunk runs only where a
+flag is set (:func:`_sr_tip`).
 
 NaN results: torch's CPU cast to bf16 writes one fixed pattern for every NaN, which depends on the
 build (0xFFFF from the vectorised x86 kernels, 0x7FC0 from the scalar code, e.g. with
@@ -35,9 +52,9 @@ there (it is a NaN in both); every non-NaN result is bit-identical.
 
 Control:
 
-* numba is imported on the first call of :func:`enabled` (not when precision_lab is imported) and
-  each kernel is compiled on its first use (``cache=True``: later processes load it from
-  ``__pycache__`` in well under a second).
+* numba is imported, and its thread pool started with torch's thread count kept, on the first
+  call of :func:`enabled` (not when precision_lab is imported) and each kernel is compiled on its
+  first use (``cache=True``: later processes load it from ``__pycache__`` in well under a second).
 * ``PRECISION_LAB_NATIVE=0`` (or ``false``/``no``/``off``) disables the kernels; the variable is
   read at every call of :func:`enabled`, so it can be changed at run time.  Without numba the
   torch code is used silently.
@@ -95,6 +112,11 @@ _INF16 = np.uint16(0x7F80)
 _ZERO16 = np.uint16(0)
 _ONE16 = np.uint16(1)
 _FIN16M1 = np.uint16(0x7F7F)  # |t| - 1 below this: t finite and nonzero
+_LOW16 = np.uint32(0xFFFF)
+_SH23 = np.uint32(23)
+_EXP8 = np.uint32(0xFF)
+_MIXBASE = np.uint64(1 << 62)  # _random.mix_key(key, level) = _mix(key, 2^62 + level) >> 1
+_TWO63 = np.float64(2.0**63)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,11 +124,21 @@ _FIN16M1 = np.uint16(0x7F7F)  # |t| - 1 below this: t finite and nonzero
 # --------------------------------------------------------------------------------------------------
 @functools.cache
 def _numba() -> ModuleType | None:
-    """Import numba once; None where it is not installed or does not import."""
+    """Import numba once and start its thread pool; None where it is not installed or does not import.
+
+    numba's OpenMP pool starts with ``omp_set_num_threads(NUMBA_NUM_THREADS)`` in the OpenMP runtime
+    that torch shares, which raised ``torch.get_num_threads()`` (1 -> all cores under
+    ``OMP_NUM_THREADS=1``).  The pool is started here, once, and torch's count put back, so the
+    caller's setting holds for torch and (through :func:`_threads`) for the kernels.
+    """
     try:
         import numba
     except ImportError:
         return None
+    from precision_lab._threads import intra_op_threads
+
+    with intra_op_threads(None):  # restores torch's thread count after the pool has started
+        numba.get_num_threads()  # starts numba's thread pool (once per process)
     return numba
 
 
@@ -300,7 +332,61 @@ def _kahan_add(s, c, t, nan):
     return lost
 
 
-def _sr_add(s, t, key, nan):
+def _two_sum32(fa, fb):  # fp32 TwoSum: (hi, lo) with hi + lo == fa + fb exactly (hi finite)
+    h = np.float32(fa + fb)
+    z = np.float32(h - fa)
+    return h, np.float32(np.float32(fa - np.float32(h - z)) + np.float32(fb - z))
+
+
+def _below63(theta, key, counter):  # U < theta (0/1) for U from the words of key at counter, as
+    # rounding._uniform_below: 63-bit words splitmix64(key_level, counter) >> 1, key_level = key at
+    # level 0 and _random.mix_key(key, level) after, against floor(residual * 2^63), level by level
+    res = theta
+    level = np.uint64(0)
+    while True:
+        k = key if level == 0 else _mix(key, _MIXBASE + level) >> _ONE64
+        w = _mix(k, np.uint64(counter)) >> _ONE64
+        scaled = res * _TWO63
+        f = np.floor(scaled)
+        fi = np.uint64(f)
+        if w != fi:
+            return np.uint16(w < fi)
+        res = scaled - f
+        level += _ONE64
+
+
+def _sr_tip(s, t, olds, tips, lo, m, pkey):
+    # The rare elements whose first decision lo can still change (L + r == 0xFFFF, lo != 0): the
+    # stored result is the lower neighbour; the exact sum's second decision may step it up by one.
+    # Returns the change of the lost count.
+    delta = 0
+    flags = tips.view(np.uint64)  # 8 flags a word; tips beyond m are never read
+    for j in range((m + 7) // 8):
+        if flags[j] == 0:
+            continue
+        for i in range(8 * j, min(8 * j + 8, m)):
+            if tips[i] == 0:
+                continue
+            k = np.uint64(lo) + np.uint64(i)
+            a = olds[i]
+            b = t[k]
+            h, e = _two_sum32(_widen(a), _widen(b))
+            hb = np.float32(h).view(np.uint32)
+            toward = ((hb ^ np.float32(e).view(np.uint32)) >> _SH31) & _ONE32  # lo points toward zero
+            alo = hb - toward
+            expo = max(np.int64((alo >> _SH23) & _EXP8), 1)  # ulp32(Alo) = 2^(expo - 150)
+            theta = math.ldexp(abs(np.float64(e)), 150 - expo)  # exact
+            if (_below63(theta, pkey, k) ^ np.uint16(toward)) != 0:
+                v = s[k]
+                up = np.uint16(v + _ONE16)
+                s[k] = up
+                delta += np.int64(_same(up, a) & _counts(b, a)) - np.int64(_same(v, a) & _counts(b, a))
+    return delta
+
+
+def _sr_add(s, t, key, pkey, nan):
+    # SR of the exact s + t = h + e (fp32 TwoSum): bits(RD32 of the exact sum) + r, truncated; where
+    # e != 0 and the low 16 bits come out 0xFFFF, _sr_tip decides on e (see sr_add_bf16).
     n = s.size
     lost = 0
     for ch in _prange((n + _CHUNK - 1) // _CHUNK):
@@ -309,15 +395,30 @@ def _sr_add(s, t, key, nan):
         words = np.empty(_CHUNK // 4, np.uint64)
         _fill_words(words, key, lo // 4, (m + 3) // 4)
         r16 = words.view(np.uint16)
+        olds = np.empty(_CHUNK, np.uint16)
+        tips = np.empty(_CHUNK, np.uint8)
         count = np.uint16(0)
+        ntips = np.uint16(0)
         for i in range(np.uint64(0), np.uint64(m)):
             k = np.uint64(lo) + i
             a = s[k]
             b = t[k]
-            v = _sr16(np.float32(_widen(a) + _widen(b)).view(np.uint32), np.uint32(r16[i]), nan)
-            s[k] = v
-            count = np.uint16(count + np.uint16(_same(v, a) & _counts(b, a)))
+            h, e = _two_sum32(_widen(a), _widen(b))
+            hb = np.float32(h).view(np.uint32)
+            live = (e != np.float32(0)) & ((hb & _ABS32) < _INF32)  # a finite sum that fp32 did not hold
+            # uint32 casts keep the lanes 32 bits wide (numba computes narrow integers in 64 bits)
+            toward = np.uint32(np.uint32(live) & np.uint32(np.uint32(hb ^ np.float32(e).view(np.uint32)) >> _SH31))
+            v = np.uint32(np.uint32(hb - toward) + np.uint32(r16[i]))
+            tip = np.uint8(live & (np.uint32(v & _LOW16) == _LOW16))
+            r = nan if _isnan32(hb) else np.uint16(v >> _B16)
+            s[k] = r
+            olds[i] = a
+            tips[i] = tip
+            ntips = np.uint16(ntips + np.uint16(tip))
+            count = np.uint16(count + np.uint16(_same(r, a) & _counts(b, a)))
         lost += np.int64(count)
+        if ntips != 0:
+            lost += _sr_tip(s, t, olds, tips, lo, m, pkey)
     return lost
 
 
@@ -335,7 +436,23 @@ def _count_nonfinite(t):
 
 
 _HELPERS = {
-    f.__name__: f for f in (_mix, _fill_words, _isnan32, _widen, _to_bf16, _rn32, _high16, _sr16, _sr32, _same, _counts)
+    f.__name__: f
+    for f in (
+        _mix,
+        _fill_words,
+        _isnan32,
+        _widen,
+        _to_bf16,
+        _rn32,
+        _high16,
+        _sr16,
+        _sr32,
+        _same,
+        _counts,
+        _two_sum32,
+        _below63,
+        _sr_tip,
+    )
 }
 _PARALLEL = {
     f.__name__.lstrip("_"): f for f in (_sr_to_f32, _sr_to_bf16, _naive_add, _kahan_add, _sr_add, _count_nonfinite)
@@ -471,10 +588,12 @@ def kahan_add_bf16(s: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> int:
 
 
 def sr_add_bf16(s: torch.Tensor, t: torch.Tensor, key: int, count_lost: bool) -> int:
-    """``s <- SR_bf16(float(s) + float(t))`` in place: the bits of ``strategies.stochastic.stochastic_step``.
+    """``s <- SR_bf16(s + t)`` of the exact sum, in place: the bits of ``rounding.sr_bf16_sum_keyed``.
 
-    The fp32 sum is rounded as :func:`sr_bf16` rounds it (all 16 random bits, element i on lane
-    i % 4 of ``splitmix64(key, i // 4)``).
+    The module docstring has the rule: the fast path's 16 random bits (element i on lane i % 4 of
+    ``splitmix64(key, i // 4)``) on the fp32 sum rounded down, and where the fp32 TwoSum error can
+    still tip the outcome, a decision on it from ``_random.pair_key(key)``.  The same bits as
+    ``strategies.stochastic.stochastic_step`` with the kernels off.
 
     Args:
         s: bf16 CPU buffer, updated in place.
@@ -491,7 +610,8 @@ def sr_add_bf16(s: torch.Tensor, t: torch.Tensor, key: int, count_lost: bool) ->
     _threads(_numba())
     nan = np.uint16(bf16_nan_bits())
     tb = _bits(t.contiguous())
-    lost = _inplace(lambda sb: k.sr_add(sb, tb, _key(key), nan), s)
+    pkey = _key(_random.pair_key(key))
+    lost = _inplace(lambda sb: k.sr_add(sb, tb, _key(key), pkey, nan), s)
     return lost if count_lost else 0
 
 

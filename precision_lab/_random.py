@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["derive_key", "splitmix64", "splitmix64_int"]
+__all__ = ["derive_key", "pair_key", "splitmix64", "splitmix64_int"]
 
 _MASK64 = (1 << 64) - 1
 GAMMA = 0x9E3779B97F4A7C15
@@ -73,3 +73,19 @@ def derive_key(generator: torch.Generator | None) -> int:
 def mix_key(key: int, salt: int) -> int:
     """A new key derived from ``key`` for a secondary stream (e.g. refinement draws)."""
     return splitmix64_int(key, (1 << 62) + salt) >> 1
+
+
+#: Salt of :func:`pair_key`'s stream; far above the refinement levels that :func:`mix_key` also salts.
+PAIR_SALT = 1 << 40
+
+
+def pair_key(key: int) -> int:
+    """The key of the second decision of an exact-sum stochastic rounding (``s + t = hi + lo``).
+
+    Stochastic accumulation rounds the exact ``hi + lo``: the stream ``key`` decides as for ``hi``
+    alone, and where ``lo`` can still tip the result (probability at most one fine spacing of the
+    wide format over the target's gap) the independent stream ``pair_key(key)`` decides on ``lo``
+    (see :mod:`precision_lab.strategies.stochastic`).  One definition for the torch code and the
+    compiled kernels, so both give the same bits.
+    """
+    return mix_key(key, PAIR_SALT)

@@ -10,13 +10,17 @@ it into the buffer:
 ``naive``      ``s <- RN(s + t)``: what ``p.grad += g`` does in the buffer's dtype.
 ``kahan``      compensated summation with ``s`` *and* the compensation ``c`` stored in the format:
                ``y = RN(t - c); u = RN(s + y); c = RN(RN(u - s) - y); s = u``.
-``stochastic`` ``s <- SR(s + t)`` with ``s + t`` formed in at least 2p+2 bits (fp32 for formats of
-               p <= 11 bits, fp64 up to 26 (fp32 buffers included), an exact TwoSum for fp64).
+``neumaier``   Neumaier's (Kahan-Babuška) variant, ``s`` and ``c`` in the format: ``u = RN(s + t)``;
+               ``d = RN(RN(s - u) + t)`` if ``|s| >= |t|`` else ``RN(RN(t - u) + s)``;
+               ``c = RN(c + d); s = u``; read-out ``s + c`` (``c`` holds the lost parts, not negated).
+``stochastic`` ``s <- SR(s + t)`` where the random decision sees the *exact* ``s + t`` (an
+               error-free pair ``hi + lo``), so an addend far below the buffer's ulp still moves it
+               with the right probability (see ``strategies.stochastic``).
 ``pairwise``   a binary-counter cascade: slot k holds the RN sum of 2^k consecutive addends, so a
                sum of N addends is a balanced tree of depth ceil(log2 N) (Higham 2002, §4.2).
-``exact``      a renormalised double-double (TwoSum + Fast2Sum, ~106 bits) of the rounded inputs:
-               the reference for every other strategy.  Exact while the partial sums fit in 106
-               bits; otherwise within 2^-104 of the sum of their magnitudes (see ``exact_step``).
+``exact``      a superaccumulator (int64 digits over the whole fp64 range) of the rounded inputs:
+               the reference for every other strategy.  Exact for any finite fp64 stream; the
+               read-out is the correctly rounded fp64 of the exact sum (see ``strategies.exact``).
 =============  ================================================================================
 
 Arithmetic in a format: natively where torch has the dtype (bf16/fp16 ops round once from fp32,
@@ -41,15 +45,15 @@ import math
 
 import torch
 
-from precision_lab import _native
+from precision_lab import _native, _native_training
 from precision_lab.checks import check_real
 from precision_lab.formats import Format, get_format
 from precision_lab.rounding import round_nearest
 from precision_lab.strategies import BUILTIN_STRATEGIES, Strategy, get_strategy
 from precision_lab.strategies.arithmetic import work_dtype
 from precision_lab.strategies.exact import exact_step
-from precision_lab.strategies.kahan import kahan_step
-from precision_lab.strategies.naive import naive_step
+from precision_lab.strategies.kahan import Kahan, kahan_step
+from precision_lab.strategies.naive import Naive, naive_step
 from precision_lab.strategies.pairwise import pairwise_step, pairwise_total
 from precision_lab.strategies.stochastic import stochastic_step
 
@@ -169,7 +173,7 @@ class Accumulator:
 
     @property
     def bytes_per_element(self) -> float:
-        """Nominal memory per accumulated element in the buffer format (exact: two fp64)."""
+        """Nominal memory per accumulated element in the buffer format (exact: its int64 digits held)."""
         return self._unit.bytes_per_element
 
     @property
@@ -198,12 +202,43 @@ class Accumulator:
     def add(self, t: torch.Tensor) -> None:
         """Round ``t`` to the buffer format (RN) and accumulate it with the strategy."""
         tr = self._prepare(t)
-        if tr.device.type == "cpu" and tr.dtype == torch.bfloat16 and _native.enabled(tr.numel()):
-            self.nonfinite_inputs += _native.count_nonfinite_bf16(tr)
+        fused = self._fused_step(tr)
+        if fused is not None:  # the step and both counts in one pass
+            lost, nonfinite = fused
         else:
-            self.nonfinite_inputs += int(torch.count_nonzero(~torch.isfinite(tr)))
-        self.lost_updates += self._unit.add(tr, generator=self.generator, count_lost=self.count_lost)
+            nonfinite = self._count_nonfinite_of(tr) if self._count_nonfinite else 0
+            lost = self._unit.add(tr, generator=self.generator, count_lost=self.count_lost)
+        if self._count_nonfinite:
+            self.nonfinite_inputs += nonfinite
+        self.lost_updates += lost
         self.count += 1
+
+    # Counting non-finite addends: GradientAccumulator turns it off (its count_nonfinite) on its own
+    # Accumulators; everyone else gets the count.
+    _count_nonfinite = True
+
+    def _fused_step(self, tr: torch.Tensor) -> tuple[int, int] | None:
+        """The bf16 CPU Kahan step, or naive step with lost-update counting, fused with the count of non-finite addends.
+
+        One compiled pass of :mod:`precision_lab._native_training` instead of the strategy's kernel
+        plus a counting pass: the same bits and counts (Kahan's kernel counts lost updates whether
+        asked or not, as ``kahan_step``'s compiled path does).  None where no such kernel applies.
+        """
+        if tr.dtype != torch.bfloat16 or tr.device.type != "cpu" or not _native_training.enabled(tr.numel()):
+            return None
+        unit = self._unit
+        if type(unit) is Kahan:
+            return _native_training.kahan_bf16(unit.sum, unit.compensation, tr, parallel=True)
+        if type(unit) is Naive and self.count_lost:
+            return _native_training.naive_bf16(unit.sum, tr, parallel=True)
+        return None
+
+    @staticmethod
+    def _count_nonfinite_of(tr: torch.Tensor) -> int:
+        """``int((~torch.isfinite(tr)).sum())``: one compiled pass for bf16 on CPU, two torch passes otherwise."""
+        if tr.device.type == "cpu" and tr.dtype == torch.bfloat16 and _native.enabled(tr.numel()):
+            return _native.count_nonfinite_bf16(tr)
+        return int(_native_training.count_nonfinite(tr))
 
     def value(self) -> torch.Tensor:
         """The value the buffer represents, as float64.

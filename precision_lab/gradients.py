@@ -208,11 +208,13 @@ class GradientEngine:
             loss_scale: Multiply the loss by this before backward (a static fp16 loss scale).
 
         Raises:
-            ValueError: N < 1, E not divisible by N, mismatched input and target counts, or a
-                non-positive or non-finite ``divide_by``/``loss_scale``.
+            ValueError: N < 1, an empty batch (E = 0), E not divisible by N, mismatched input and
+                target counts, or a non-positive or non-finite ``divide_by``/``loss_scale``.
         """
         if inputs.shape[0] != targets.shape[0]:
             raise ValueError(f"inputs hold {inputs.shape[0]} samples but targets {targets.shape[0]}")
+        if inputs.shape[0] == 0:
+            raise ValueError(f"empty batch: inputs of shape {tuple(inputs.shape)}; need at least one sample")
         b = split(inputs.shape[0], n_micro)
         for name, v in (("divide_by", divide_by), ("loss_scale", loss_scale)):
             check_real(v, name, low=0.0, low_open=True, high=math.inf, high_open=True)
@@ -250,6 +252,10 @@ def reference_gradient(
     One pass over all E samples, not a sum of chunks: a model whose output depends on the batch
     composition (BatchNorm in train mode) has a large-batch gradient that no sum of micro-batch
     gradients equals, and that difference is part of what is measured.
+
+    Raises:
+        ValueError: An empty batch (the mean loss of no samples is no gradient), or mismatched
+            input and target counts.
     """
     eng = GradientEngine(model, loss_fn, "fp64", method="loop", device=device)
     (g,) = eng.micro_gradients(inputs, targets, 1)

@@ -267,7 +267,7 @@ def stream(
             draw, e.g. ``GradientStream.sample`` bound to a generator).
         compute: Format the micro-gradients arrive in (RN from fp64: input quantisation).
         record: The counts N to measure; the truth at N is the exact mean of the first N fp64
-            micro-gradients (a double-double sum, then one division).
+            micro-gradients (the exact sum, correctly rounded, then one division).
         buffers: ``(format, strategy)`` pairs.
         scaling: ``post`` quantises g_i and divides the sum by N (one pass records every N);
             ``pre`` quantises g_i/N, which depends on N, so each N is its own pass over the same

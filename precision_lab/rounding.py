@@ -32,6 +32,12 @@ How the result is computed (every step exact, so the only rounding is the one we
   into the exponent at a binade edge, as it should).  On CPU a compiled kernel does this in one
   pass (:mod:`precision_lab._native`); the pure-torch version gives the same bits.
 
+* **Exact sums** (for the stochastic accumulation strategy): :func:`sr_bf16_sum_keyed` and
+  :func:`round_stochastic_sum_keyed` round ``a + b`` itself, not a wide sum rounded to nearest
+  first, through TwoSum ``a + b = hi + lo`` and a second random decision on ``lo`` (from
+  ``_random.pair_key(key)``) in the rare case that ``lo`` can still change the outcome; where
+  ``lo == 0`` they give the bits of rounding ``hi``.
+
 Overflow: results beyond ``fmt.max`` become ±Inf where the format has Inf; in fp8_e4m3 (no Inf)
 they become NaN, as in ml_dtypes.  ``saturate=True`` maps overflow *and* ±Inf inputs to ±max in
 every format (CUDA's "SATFINITE" conversion mode).  A bf16 or fp16 input whose rounded value is
@@ -185,11 +191,15 @@ def _round_any(
     return _generic(x, f, mode, saturate=saturate, key=key, random_bits=random_bits)
 
 
-def bernoulli(frac: torch.Tensor, key: int, random_bits: int | None = None) -> torch.Tensor:
+def bernoulli(
+    frac: torch.Tensor, key: int, random_bits: int | None = None, *, index: torch.Tensor | None = None
+) -> torch.Tensor:
     """One exact Bernoulli(frac) draw per element, frac in [0, 1) float64; returns 0.0/1.0 float64.
 
     A keyed building block (not in ``__all__``): element i of the flat tensor draws from the
     counter-based stream ``key`` (:mod:`precision_lab._random`), so equal keys give equal draws.
+    ``index`` (int64, frac's shape) gives each element its counter instead of its flat position, so
+    that a subset of a tensor draws the bits its elements have in the whole.
 
     Element i compares U_i ~ Uniform[0, 1) with frac_i, U_i's bits coming 63 at a time from the
     counter-based stream.  With w the first 63 bits and F = floor(frac * 2^63): w < F means U < frac
@@ -199,25 +209,74 @@ def bernoulli(frac: torch.Tensor, key: int, random_bits: int | None = None) -> t
     With ``random_bits=r`` only r bits are used, as hardware SR units do: P(1) = floor(frac*2^r)/2^r,
     biased towards zero by up to 2^-r ulp.
     """
-    idx = torch.arange(frac.numel(), device=frac.device, dtype=torch.int64).view(frac.shape)
+    idx = _counters(frac, index)
     if random_bits is not None:
         scaled = torch.ldexp(frac, torch.tensor(random_bits, dtype=torch.float64, device=frac.device))
         w = _random._lsr(_random.splitmix64(key, idx), 64 - random_bits)
         return (w < torch.floor(scaled).to(torch.int64)).to(torch.float64)
-    up = torch.zeros_like(frac)
-    pending = torch.ones_like(frac, dtype=torch.bool)
-    residual = frac
+    return _uniform_below([frac], key, idx)[0].to(torch.float64)
+
+
+def _counters(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """The counters of x's elements in the random stream: ``index``, or the flat positions."""
+    if index is not None:
+        return index
+    return torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+
+
+_TWO63 = 9223372036854775808.0  # 2^63
+
+
+def _uniform_below(thresholds: list[torch.Tensor], key: int, idx: torch.Tensor) -> list[torch.Tensor]:
+    """``U < th`` (bool) for each threshold th in [0, 1] (float64), one U per element for all of them.
+
+    U's bits are the 63-bit words ``splitmix64(key_level, idx) >> 1`` (``key`` at level 0, then
+    ``mix_key(key, level)``), compared level by level as :func:`bernoulli` describes; a threshold
+    of 1 is always above U.  The comparisons are exact for any dyadic thresholds.
+    """
+    residual = list(thresholds)
+    below = [th >= 1.0 for th in thresholds]
+    pending = [~b for b in below]
     level = 0
     while True:
-        scaled = residual * 9223372036854775808.0  # * 2^63: exact
-        big_f = torch.floor(scaled)
         w = _random._lsr(_random.splitmix64(_random.mix_key(key, level) if level else key, idx), 1)
+        for j, res in enumerate(residual):
+            scaled = torch.where(pending[j], res, 0.0) * _TWO63  # exact; 0 where decided (no 2^63 overflow)
+            big_f = torch.floor(scaled)
+            fi = big_f.to(torch.int64)
+            below[j] = below[j] | (pending[j] & (w < fi))
+            pending[j] = pending[j] & (w == fi)
+            residual[j] = scaled - big_f  # exact fractional part
+        if not any(bool(p.any()) for p in pending):
+            return below
+        level += 1
+
+
+def _bernoulli_pow2(mant: torch.Tensor, exp: torch.Tensor, key: int, idx: torch.Tensor) -> torch.Tensor:
+    """Bernoulli(mant * 2^exp) (bool) for mant in [0, 1) float64 and int64 exp <= 0, underflow-free.
+
+    The bits of :func:`bernoulli` of the same probability (the same words, the same floors per
+    level), but the probability is kept as (mantissa, exponent), so one far below float64's
+    smallest number is still exact: a level whose scaled probability is below 1 has F = 0 and just
+    shifts the exponent by 63.
+    """
+    up = torch.zeros_like(mant, dtype=torch.bool)
+    pending = torch.ones_like(up)
+    level = 0
+    while True:
+        w = _random._lsr(_random.splitmix64(_random.mix_key(key, level) if level else key, idx), 1)
+        e63 = exp + 63
+        wide = e63 > 0  # the scaled probability may reach 1: it is at most 2^63 (exact in float64)
+        scaled = torch.where(wide, torch.ldexp(mant, e63.clamp(max=63).to(torch.float64)), 0.0)
+        big_f = torch.floor(scaled)
         fi = big_f.to(torch.int64)
-        up = torch.where(pending & (w < fi), torch.ones_like(up), up)
+        up = up | (pending & (w < fi))
         pending = pending & (w == fi)
         if not bool(pending.any()):
             return up
-        residual = scaled - big_f  # exact fractional part
+        m2, e2 = torch.frexp(scaled - big_f)  # exact fractional part, renormalised
+        mant = torch.where(wide, m2, mant)
+        exp = torch.where(wide, e2.to(torch.int64), e63)
         level += 1
 
 
@@ -329,6 +388,145 @@ def round_stochastic_keyed(x: torch.Tensor, fmt: Format, key: int) -> torch.Tens
     if x.dtype == torch.float32 and fmt.name == "bf16":
         return _finish_sr_bf16(x, key, 16, None)
     return _round_any(x, fmt, "stochastic", key=key)
+
+
+# --------------------------------------------------------------------------------------------------
+# stochastic rounding of an exact sum a + b = hi + lo (the stochastic accumulation strategy)
+# --------------------------------------------------------------------------------------------------
+def _two_sum_nan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Knuth's TwoSum: hi = fl(a + b), lo = a + b - hi exactly; lo is NaN where hi is not finite.
+
+    (Where hi is ±Inf or NaN a step computes Inf - Inf or carries the NaN.)  Three temporaries.
+    """
+    hi = a + b
+    z = hi - a  # b's part of hi
+    lo = hi - z  # a's part of hi
+    lo.neg_().add_(a)  # a - a's part
+    z.neg_().add_(b)  # b - b's part
+    return hi, lo.add_(z)
+
+
+def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Knuth's TwoSum: hi = fl(a + b), lo = a + b - hi exactly (0 where hi is not finite)."""
+    hi, lo = _two_sum_nan(a, b)
+    return hi, torch.where(torch.isfinite(hi), lo, 0.0)
+
+
+def round_stochastic_sum_keyed(a: torch.Tensor, b: torch.Tensor, fmt: Format, key: int) -> torch.Tensor:
+    """``SR_fmt(a + b)`` of the EXACT sum of two float64 tensors, with the random stream ``key``.
+
+    A keyed building block (not in ``__all__``) of the stochastic accumulation strategy, for sums
+    that float64 need not hold: ``a + b = hi + lo`` (TwoSum).  Where ``lo == 0`` the result is
+    :func:`round_stochastic_keyed` of ``hi``, bit for bit.  Elsewhere (and where ``a + b`` overflows
+    float64 although both are finite: then ``a/2 + b/2`` is rounded, at half scale) the exact value
+    decides, with ``A = |hi|`` rounded down to ``Alo`` in float64 (``Alo = A`` if ``lo`` points away
+    from zero, else A's predecessor) and ``g = ulp64(Alo) / q`` (q: the target's spacing there)::
+
+        |a + b| = fl * q + (f0 + g * psi) * q      fl = floor(Alo / q), f0 = Alo / q - fl,
+                                                   psi in (0, 1): where |a + b| lies in [Alo, Alo + ulp)
+        up  <=>  U < f0                                 (U: the words of key, as for hi alone)
+             or  f0 <= U < f0 + g  and  C               (C ~ Bernoulli(psi) from _random.pair_key(key))
+
+    ``theta = |lo| / ulp64`` (the distance of the exact sum from ``hi`` in float64 spacings on lo's
+    side) is exact, and ``C = [U' < theta]``, negated where ``lo`` points toward zero
+    (``psi = 1 - theta`` there).  P(up) = f0 + g psi, the exact distance ratio, for every addend:
+    the second stream only ever sees the elements whose first decision ``lo`` can still change.
+
+    Args:
+        a: float64 tensor (numbers of ``fmt``, or any float64 numbers).
+        b: float64 tensor of a's shape and device.
+        fmt: Target format (any; its numbers fit in float64).
+        key: Key of the counter-based random stream (``_random.derive_key``).
+
+    Returns:
+        A float64 tensor of the rounded sums; NaN/Inf inputs as IEEE addition gives them.
+    """
+    hi, lo = _two_sum_nan(a, b)
+    out = _round_any(hi, fmt, "stochastic", key=key)
+    over = torch.isnan(lo).reshape(-1)
+    redo = (lo != 0).reshape(-1)  # a finite sum that float64 did not hold (or a NaN lo, see over)
+    if bool(over.any()):  # NaN/Inf inputs stay as rounded; finite ones overflowed (or a step of TwoSum did)
+        over &= torch.isfinite(a).reshape(-1) & torch.isfinite(b).reshape(-1)
+        redo &= ~torch.isnan(lo).reshape(-1)
+        redo |= over
+    if not bool(redo.any()):
+        return out
+    idx = redo.nonzero().squeeze(1)
+    a1, b1, ov = a.reshape(-1)[idx], b.reshape(-1)[idx], over[idx]
+    shift = ov.to(torch.int64)  # 1: the exact sum is 2 * (a/2 + b/2), rounded at half scale
+    h, low = _two_sum(torch.where(ov, a1 * 0.5, a1), torch.where(ov, b1 * 0.5, b1))  # halving is exact here
+    out.view(-1)[idx] = _sr_pair(h, low, shift, fmt, key, idx)  # out is a new tensor: ours to write
+    return out
+
+
+def _sr_pair(
+    hi: torch.Tensor, lo: torch.Tensor, shift: torch.Tensor, f: Format, key: int, idx: torch.Tensor
+) -> torch.Tensor:
+    """SR into ``f`` of the exact ``2^shift * (hi + lo)`` (float64, hi finite, |lo| <= ulp(hi)/2)."""
+    big = hi.abs()
+    d = torch.where(hi < 0, -lo, lo)  # |x| = big + d
+    down = d < 0
+    alo = torch.where(down, torch.nextafter(big, torch.zeros_like(big)), big)  # RD64(|x|), > 0 where d != 0
+    _, e = torch.frexp(alo)
+    expo = e.to(torch.int64) - 1  # floor(log2 alo)
+    ulp_exp = expo.clamp(min=-1022) - 52  # ulp64(alo) = 2^ulp_exp: the float64 gap above alo
+    qexp = ((expo + shift).clamp(min=f.emin) - f.mantissa_bits).clamp(min=-1074) - shift  # spacing / 2^shift
+    q = _pow2(qexp)
+    y = alo / q  # exact (power-of-two scaling)
+    fl = torch.floor(y)
+    f0 = y - fl
+    f1 = f0 + _pow2(ulp_exp) / q  # exact: (alo + ulp) / q - fl, at most 1
+    first, second = _uniform_below([f0, f1], key, idx)
+    up = first
+    tip = second & ~first & (d != 0)
+    if bool(tip.any()):
+        sub = tip.nonzero().squeeze(1)
+        m, ed = torch.frexp(d[sub].abs())
+        c = _bernoulli_pow2(m, ed.to(torch.int64) - ulp_exp[sub], _random.pair_key(key), idx[sub])
+        up = up.clone()
+        up[sub] = c ^ down[sub]
+    mag = (fl + up.to(torch.float64)) * q * _pow2(shift)  # may overflow to Inf: _finalize's rules apply
+    return _finalize(hi, mag, f, saturate=False, rz=False)
+
+
+def sr_bf16_sum_keyed(a: torch.Tensor, b: torch.Tensor, key: int) -> torch.Tensor:
+    """``SR_bf16(a + b)`` of the EXACT sum of two fp32 tensors of bf16 numbers (returns fp32).
+
+    The bf16 fast path's rule (:func:`_sr_bf16_torch`) applied to the exact sum ``a + b = hi + lo``
+    (TwoSum in fp32; exact, as a and b are bf16 numbers: an fp32 overflow means ``|a + b| >= 2^128``,
+    which rounds to Inf anyway).  With ``Alo`` the fp32 bits of ``|a + b|`` rounded down in fp32
+    (``hi``'s bits, minus one where ``lo`` points toward zero), L = its low 16 bits and r the
+    element's 16 random bits (:func:`sr_bf16_random16`)::
+
+        result = (Alo + r + C) & 0xFFFF0000      (bits; the sign rides along)
+        C      = 0 unless lo != 0 and L + r == 0xFFFF (probability 2^-16); there C = [U' < theta]
+                 xor [lo points toward zero], theta = |lo| / ulp32(Alo), U' from _random.pair_key(key)
+
+    so P(up) = (L + psi) / 2^16 with psi in [0, 1) the position of the exact sum between Alo and the
+    next fp32 number: the exact distance ratio.  Where ``lo == 0`` these are the bits of the fast
+    path applied to ``hi``.  The compiled kernel ``_native.sr_add_bf16`` gives the same bits.
+    """
+    hi, lo = _two_sum_nan(a, b)
+    flat_h, flat_l = hi.reshape(-1), lo.reshape(-1)
+    hb = flat_h.view(torch.int32)
+    live = flat_l != 0
+    live &= flat_l == flat_l  # a finite sum that fp32 did not hold (lo is NaN where hi is not finite)
+    toward = torch.bitwise_xor(hb, flat_l.view(torch.int32)).bitwise_right_shift_(31)  # -1: lo points toward zero
+    toward.mul_(live)
+    v = sr_bf16_random16(key, flat_h.numel(), flat_h.device)
+    v += hb
+    v += toward  # bits of Alo (|s + t| rounded down in fp32) + r
+    res = v & -65536  # -65536 == 0xFFFF0000 as int32
+    tip = live & ((v & 0xFFFF) == 0xFFFF)
+    if bool(tip.any()):
+        sub = tip.nonzero().squeeze(1)
+        alo = hb[sub] + toward[sub]
+        expo = ((alo >> 23) & 0xFF).clamp(min=1).to(torch.float64)  # ulp32(Alo) = 2^(expo - 150)
+        theta = torch.ldexp(flat_l[sub].double().abs(), 150.0 - expo)  # exact, >= 2^-237
+        c = _uniform_below([theta], _random.pair_key(key), sub)[0] ^ (toward[sub] != 0)
+        res[sub] += c.to(torch.int32) << 16
+    out = torch.where(torch.isnan(flat_h), flat_h, res.view(torch.float32))  # a NaN payload must not carry
+    return out.view(hi.shape)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """One rank of the GradientAccumulator DDP test (started twice by tests/test_training.py).
 
-Usage: ``python tests/_ddp_worker.py RANK WORLD RENDEZVOUS_FILE OUT_DIR N B``.  Every rank builds the
+Usage: ``python tests/_ddp_worker.py RANK WORLD RENDEZVOUS_FILE OUT_DIR N B`` (the repository root on
+``PYTHONPATH``).  Every rank builds the
 same models and the same global data (2*N micro-batches of B samples); rank r takes micro-batches
 [rN, (r+1)N).  Results go to ``OUT_DIR/rank{RANK}.pt`` (a dict of tensors, counts and messages).
 """
@@ -16,6 +17,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from experiments.ddp import leave_process_group
 from precision_lab.training import GradientAccumulator
 
 IN, HIDDEN, OUT = 6, 8, 3
@@ -142,8 +144,7 @@ def main() -> None:
     acc.remove(discard=True)
 
     torch.save(out, f"{out_dir}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group(rank, world, rendezvous)  # barrier, destroy, then exit before gloo's teardown
 
 
 if __name__ == "__main__":

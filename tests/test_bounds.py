@@ -23,6 +23,11 @@ Which bound, and why it is rigorous for the generated (n, u):
   rounding adds at most 2^-53 (T + D) <= u T + u D, so value() is within the same bound.  The
   textbook ``kahan_leading_bound`` (2u sum|x|) drops the O(n u^2) term, which in bf16 dominates once
   n >~ 1/u; it is *not* asserted as a bound (see test_kahan_leading_term_is_not_a_bound_claim).
+* Neumaier: ``neumaier_sum_bound`` (= u|S| + (1 + u) min(1, gamma_{n-2}) min(1, gamma_{n-1}) sum|x|),
+  derived in theory.py (Fast2Sum makes each correction exact; the compensation is a recursive sum of
+  the rounding errors; the read-out adds u|S + e|, here in fp64 with 2^-53 <= u).  Never void, so n
+  runs to the tests' caps; the exact |S| is passed as ``abs_total``.  It bounds value() = fl64(s + c)
+  only: s alone is a naive sum.
 * probabilistic bounds: Higham-Mary (RN, a model of random errors: checked with random data and a
   negative control where the model fails) and Connolly-Higham-Mary (SR, a theorem given ideal random
   bits): the fraction of trials within the bound is tested against the stated probability with a
@@ -160,6 +165,7 @@ BOUNDS = {
     "naive": theory.recursive_sum_bound,
     "pairwise": theory.pairwise_sum_bound,
     "kahan": theory.kahan_sum_bound,
+    "neumaier": theory.neumaier_sum_bound,  # with abs_total = |S| in check_stream
 }
 
 
@@ -185,8 +191,8 @@ def check_stream(strategy: str, fmt: str, x: np.ndarray) -> list[Fraction]:
     ratios = []
     reads = [acc.value()] + ([acc.raw_sum()] if strategy == "kahan" else [])
     for values in reads:
-        for err, t in zip(errors(values, exact), absolute, strict=True):
-            bound = BOUNDS[strategy](n, u, float(t))
+        for err, t, e in zip(errors(values, exact), absolute, exact, strict=True):
+            bound = BOUNDS[strategy](n, u, float(t), *([float(abs(e))] if strategy == "neumaier" else []))
             assert math.isfinite(bound), (n, u)
             assert err <= Fraction(bound) * _MARGIN, f"{strategy} {fmt} n={n}: error {float(err)!r} > bound {bound!r}"
             ratios.append(err / Fraction(bound) if bound else Fraction(0))
@@ -223,10 +229,10 @@ def test_error_within_worst_case_bound(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", _KINDS)
-@pytest.mark.parametrize("strategy", ["kahan", "pairwise"])
+@pytest.mark.parametrize("strategy", ["kahan", "neumaier", "pairwise"])
 @pytest.mark.parametrize("fmt", ["bf16", "fp16", "fp8_e4m3", "e5m7"])
 def test_error_within_bound_long_streams(fmt: str, strategy: str, kind: str) -> None:
-    """Streams of n well beyond 1/u (where Kahan's O(n u^2) term dominates in bf16), up to 4096."""
+    """Streams of n well beyond 1/u (where Kahan's O(n u^2) and Neumaier's O(n^2 u^2) terms dominate), up to 4096."""
     n = min(4096, max_valid_n(strategy, fmt))
     top = top_exponent(fmt, n)
     check_stream(strategy, fmt, regime_stream(fmt, n, 32, n, center=top - 4, spread=3, kind=kind, e_top=top))
@@ -242,6 +248,54 @@ def test_kahan_bound_rigorous_beyond_one_over_u(fmt: str) -> None:
     top = top_exponent(fmt, n)
     for kind in ("positive", "mixed", "constant", "big-first"):
         check_stream("kahan", fmt, regime_stream(fmt, n, 16, 7, center=top - 6, spread=2, kind=kind, e_top=top))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "tf32", "fp32"])
+def test_neumaier_where_kahan_loses_the_small_operand(fmt: str) -> None:
+    """Kahan loses small addends met by a larger one (|t| > |s|); Neumaier keeps them.
+
+    Kahan's step forms RN(u - s), inexact when |t| > |s|; Neumaier's puts the larger operand first.
+
+    Column 0 is the classic [1, B, 1, -B] (B = 2^(p+2)): Neumaier 2, exactly; Kahan 0.  Column 1 is
+    [0.75, 2^p, -2^p, 0]: Kahan reads 1 (its compensation catches a wrong low part), Neumaier 0.75.
+    Both within their bounds; in bf16, fp16, tf32 and fp32 Kahan's error 1/4 exceeds Neumaier's whole
+    bound (about (4 + 0.75) u there), which fp8's u = 1/16, 1/8 make too coarse to do.
+    """
+    p = LAYOUT[fmt][0]
+    x = np.array([[1.0, 0.75], [2.0 ** (p + 2), 2.0**p], [1.0, -(2.0**p)], [-(2.0 ** (p + 2)), 0.0]])
+    exact = exact_sums(x, fmt)
+    assert exact == [2, Fraction(3, 4)]
+    for strategy in ("kahan", "neumaier"):
+        check_stream(strategy, fmt, x)
+    neumaier = run("neumaier", fmt, x)
+    assert neumaier.value().tolist() == [2.0, 0.75]
+    kahan = run("kahan", fmt, x)
+    assert kahan.value().tolist() == [0.0, 1.0]
+    u = unit_roundoff(fmt)
+    kahan_err = errors(kahan.value(), exact)
+    assert kahan_err == [2, Fraction(1, 4)]
+    if p >= 8:
+        t = float(abs_sums(x, fmt)[1])
+        assert kahan_err[1] > Fraction(theory.neumaier_sum_bound(4, u, t, 0.75)) * _MARGIN
+
+
+@pytest.mark.parametrize(("fmt", "stall"), [("bf16", 512), ("e5m7", 512), ("fp8_e4m3", 32), ("fp8_e5m2", 16)])
+def test_neumaier_compensation_stagnates_where_kahan_does_not(fmt: str, stall: int) -> None:
+    """The constant stream of ones: Neumaier's read-out stops at 2^(p+1), within its bound.
+
+    s stops at 2^p, c (a naive sum of the lost ones) at 2^p too; the bound (about u S + T past
+    n u = 1) still holds.  Kahan feeds its compensation back into s and sums the same ones exactly
+    in bf16 and fp16.
+    """
+    n = 2 * stall
+    x = np.ones((n, 1))
+    # error n/2 against u n + (1 + u) n (both gammas past 1): the bound is attained within a factor 2.5
+    assert check_stream("neumaier", fmt, x)[0] >= Fraction(2, 5)
+    acc = run("neumaier", fmt, x)
+    assert acc.value().item() == stall
+    assert acc.lost_updates == n - stall
+    if fmt in ("bf16", "e5m7"):
+        assert run("kahan", fmt, x).value().item() == n
 
 
 # --------------------------------------------------------------------------------------------------

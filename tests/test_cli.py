@@ -168,3 +168,12 @@ def test_floats_round_trip_exactly(tmp_path: Path) -> None:
     v = 0.1 + 0.2
     write_csv(tmp_path / "r.csv", [{"v": v}], ["v"])
     assert float(read_csv(tmp_path / "r.csv")[0]["v"]) == v
+
+
+def test_clean_lists_nothing_where_there_are_no_parts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["clean", "--out", str(tmp_path)]) == 0
+    assert f"no stale part folders under {tmp_path}" in capsys.readouterr().out
+    assert cli.main(["clean", "--out", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"--out {tmp_path / 'nowhere'} does not exist" in err

@@ -64,7 +64,7 @@ def test_exact_buffer_on_fp64_inputs_matches_the_truth_and_pre_equals_post_for_p
         s: stream(draws(3), "fp64", [1, 2, 8, 32], [("fp64", "exact")], scaling=s, seed=0) for s in measure.SCALINGS
     }
     for r in rows["post"]:
-        # the same double-double sum divided by a power of two on both sides: exactly equal
+        # the same exact sum divided by a power of two on both sides: exactly equal
         assert r["rel_l2_error"] == 0.0
         assert r["quantisation_floor"] == 0.0
     # pre: each g/N is exact for N = 2^k, so the exact sum of g/N equals the exact sum / N

@@ -48,6 +48,7 @@ TINY_BUFFERS = (
     ("fp32", "kahan"),
     ("bf16", "naive"),
     ("bf16", "kahan"),
+    ("bf16", "neumaier"),
     ("bf16", "stochastic"),
     ("bf16", "pairwise"),
     ("fp16", "naive"),
@@ -91,12 +92,14 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("fp32", "naive", 4096, 4),
         ("fp32", "kahan", 16, 8),
         ("fp64", "naive", 16, 8),
-        ("fp64", "exact", 16, 16),
-        ("bf16", "exact", 16, 16),  # exact is a double-double whatever the format's name
+        ("fp64", "exact", 16, 344),  # the superaccumulator at capacity: 43 int64 digits
+        ("bf16", "exact", 16, 344),  # whatever the format's name
         ("fp16", "kahan", 256, 4),
         ("fp8_e4m3", "naive", 16, 1),
         ("fp8_e5m2", "stochastic", 16, 1),
         ("fp8_e4m3", "kahan", 16, 2),
+        ("bf16", "neumaier", 16, 4),  # sum and compensation, like Kahan
+        ("fp8_e5m2", "neumaier", 4096, 2),
         # pairwise: floor(log2(N+1)) partial sums live at most (4, 8, 12 at N = 16, 256, 4096)
         ("bf16", "pairwise", 1, 2),
         ("bf16", "pairwise", 16, 8),
@@ -129,10 +132,11 @@ def test_a_bf16_kahan_buffer_costs_what_an_fp32_buffer_costs() -> None:
     [
         ("fp8_e4m3", "naive", 16, 4),  # fp8 lives in an fp32 work array
         ("fp8_e5m2", "kahan", 16, 8),
+        ("fp8_e5m2", "neumaier", 16, 8),
         ("bf16", "kahan", 16, 4),
         ("e5m7", "naive", 16, 4),  # no native dtype: fp32 work array
         ("e5m10", "naive", 16, 2),  # native fp16
-        ("bf16", "exact", 16, 16),
+        ("bf16", "exact", 16, 344),
         ("bf16", "pairwise", 4096, 24),
     ],
 )
@@ -143,12 +147,21 @@ def test_emulated_bytes_per_param(fmt: str, strategy: str, n: int, expected: int
 
 @pytest.mark.parametrize(
     ("fmt", "strategy"),
-    list(itertools.product(("fp64", "fp32", "bf16", "fp16", "fp8_e4m3"), ("naive", "kahan", "stochastic", "exact"))),
+    list(itertools.product(("fp64", "fp32", "bf16", "fp16", "fp8_e4m3"), ("naive", "kahan", "neumaier", "stochastic"))),
 )
 def test_native_formats_agree_with_the_accumulators_own_count(fmt: str, strategy: str) -> None:
     acc = Accumulator(strategy, fmt, (3,))
     assert mp.bytes_per_param(fmt, strategy, 7) == acc.bytes_per_element
     assert mp.emulated_bytes_per_param(fmt, strategy, 7) == acc.storage_bytes_per_element
+
+
+def test_exact_is_counted_at_the_capacity_the_widest_data_reaches() -> None:
+    """The superaccumulator grows with the data; the experiment counts the most any fp64 stream needs."""
+    acc = Accumulator("exact", "fp64", (3,))
+    small = acc.bytes_per_element
+    for x in (1.0, torch.finfo(torch.float64).max, 5e-324, -1.0):  # the whole exponent range
+        acc.add(torch.full((3,), x, dtype=torch.float64))
+    assert small < acc.bytes_per_element == mp.bytes_per_param("fp64", "exact", 7)
 
 
 def test_pairwise_count_is_the_implementations_live_peak() -> None:

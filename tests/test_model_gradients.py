@@ -39,7 +39,7 @@ def tiny(**kw) -> mg.Config:
         "size": "quick",
         "compute_formats": ("fp32", "bf16"),
         "buffer_formats": ("bf16",),
-        "strategies": ("naive", "kahan", "stochastic"),
+        "strategies": ("naive", "kahan", "neumaier", "stochastic"),
         "trials": 2,
         "warmup_steps": 0,
         "chunk_size": 4,
@@ -88,7 +88,7 @@ def test_pre_equals_post_for_deterministic_buffers(tiny_run: Path) -> None:
         if r["scaling"] == "pre" and r["strategy"] != "stochastic":
             assert [r[c] for c in metric_cols] == [post[tuple(r[k] for k in key)][c] for c in metric_cols]
             checked += 1
-    assert checked == len(rows) // 2 * 3 // 4  # naive, kahan and exact of the 4 buffers
+    assert checked == len(rows) // 2 * 4 // 5  # naive, kahan, neumaier and exact of the 5 buffers
 
 
 def test_fp64_compute_reproduces_the_large_batch_gradient_and_batchnorm_does_not(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from experiments import summation
 from precision_lab.lab import fingerprint
+from precision_lab.lab.results import write_part
 from precision_lab.lab.runner import parse_shard, run_tasks
 from precision_lab.measure import stable_seed
 
@@ -108,8 +109,11 @@ def test_a_part_with_other_columns_is_refused(tmp_path: Path) -> None:
     kw = {"config": ToyConfig(2), "seed": 0, "progress": False}
     run_tasks("t", tmp_path, _tasks(2), _work([]), columns=("i", "j", "x"), **kw)
     part = next((tmp_path / ".parts").rglob("000000.csv"))
-    part.write_text("a,b\n1,2\n")
+    write_part(part, [{"a": 1, "b": 2}], ["a", "b"])  # a whole part, checksum and all, of other columns
     with pytest.raises(ValueError, match="other columns"):
+        run_tasks("t", tmp_path, _tasks(2), _work([]), columns=("i", "j", "x"), **kw)
+    part.write_text("a,b\n1,2\n")  # a part without its checksum line: refused before its columns are read
+    with pytest.raises(ValueError, match="000000.csv has no checksum line"):
         run_tasks("t", tmp_path, _tasks(2), _work([]), columns=("i", "j", "x"), **kw)
 
 

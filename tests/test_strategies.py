@@ -114,7 +114,7 @@ def test_toy_strategy_through_the_accumulator(toy: type[Strategy]) -> None:
 
 def test_toy_strategy_through_the_gradient_accumulator(toy: type[Strategy]) -> None:
     p = nn.Parameter(torch.zeros(2))
-    with GradientAccumulator([("w", p)], strategy="toy", fmt="bf16") as ga:
+    with GradientAccumulator([("w", p)], strategy="toy", fmt="bf16", count_lost=True, count_nonfinite=True) as ga:
         for c in ADDENDS:
             (p * torch.tensor(c)).sum().backward()  # d/dp = c exactly
             assert p.grad is None  # taken by the hook
@@ -136,7 +136,7 @@ def test_registered_strategy_needing_randomness_needs_a_generator(random_toy: ty
 
 def test_registered_names_appear_in_the_unknown_strategy_error(toy: type[Strategy]) -> None:
     with pytest.raises(
-        ValueError, match="unknown strategy 'toy2'; known: naive, kahan, stochastic, pairwise, exact, toy"
+        ValueError, match="unknown strategy 'toy2'; known: naive, kahan, neumaier, stochastic, pairwise, exact, toy"
     ):
         Accumulator("toy2", "bf16", (2,))
     assert strategy_names() == (*STRATEGIES, "toy")
@@ -146,7 +146,12 @@ def test_registered_names_appear_in_the_unknown_strategy_error(toy: type[Strateg
 # the registry
 # --------------------------------------------------------------------------------------------------
 def test_builtin_names_are_the_strategies() -> None:
-    assert strategy_names() == BUILTIN_STRATEGIES == STRATEGIES == ("naive", "kahan", "stochastic", "pairwise", "exact")
+    assert (
+        strategy_names()
+        == BUILTIN_STRATEGIES
+        == STRATEGIES
+        == ("naive", "kahan", "neumaier", "stochastic", "pairwise", "exact")
+    )
     assert [get_strategy(name).name for name in STRATEGIES] == list(STRATEGIES)
 
 
@@ -206,8 +211,9 @@ def test_unknown_names_are_value_errors(bad: object) -> None:
         ("stochastic", "bf16", 1, 2.0, 2, torch.bfloat16, True),
         ("stochastic", "tf32", 1, 19 / 8, 4, torch.float32, True),
         ("pairwise", "bf16", 1, 2.0, 2, torch.bfloat16, False),  # before any add: one array
-        ("exact", "bf16", 1, 16.0, 16, torch.float64, False),
-        ("exact", "fp8_e4m3", 1, 16.0, 16, torch.float64, False),
+        # exact: a superaccumulator whose digit window grows with the data: no digit before any add
+        ("exact", "bf16", 0, 0.0, 0.0, torch.float64, False),
+        ("exact", "fp8_e4m3", 0, 0.0, 0.0, torch.float64, False),
     ],
 )
 def test_builtin_unit_sizes(
@@ -252,7 +258,10 @@ def test_units_hold_named_state() -> None:
     for x in (1.0, 2.0**-80, -1.0):
         e.add(torch.full((2,), x, dtype=torch.float64), generator=None, count_lost=True)
     assert e.value().tolist() == [2.0**-80, 2.0**-80]
-    assert (e.hi.dtype, e.lo.dtype) == (torch.float64, torch.float64)
+    digits = e.superaccumulator.digits  # int64 digits of 52 bits, spanning 2^-80 .. 2^0 and carries
+    assert digits.dtype == torch.int64
+    assert digits.shape[1:] == shape
+    assert e.arrays == digits.shape[0] >= 2
 
 
 def test_stochastic_unit_draws_one_key_per_add_from_its_generator() -> None:

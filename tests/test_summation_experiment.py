@@ -53,7 +53,7 @@ def stall_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]
     """
     cfg = summation.Config(
         formats=("bf16", "fp16", "fp8_e4m3"),
-        strategies=("naive", "kahan", "pairwise"),
+        strategies=("naive", "kahan", "neumaier", "pairwise"),
         streams=("constant", "positive"),
         n_max=4096,
         elements=4,
@@ -193,7 +193,7 @@ def test_constant_stream_stalls_exactly_where_theory_says(stall_rows: list[dict[
             assert float(r["projection_bias"]) == -expected
             assert float(r["lost_update_fraction"]) == (0.0 if n <= stall else (n - stall) / n)
         assert float(naive[2 * stall]["rel_l2_error"]) == 0.5
-        # compensated and pairwise sums of 1s stay exact through both stalls
+        # Kahan and pairwise sums of 1s stay exact through both stalls
         for strategy in ("kahan", "pairwise"):
             errs = [
                 float(r["rel_l2_error"])
@@ -201,6 +201,13 @@ def test_constant_stream_stalls_exactly_where_theory_says(stall_rows: list[dict[
                 if (r["stream"], r["buffer_format"], r["strategy"]) == ("constant", fmt, strategy)
             ]
             assert errs == [0.0] * len(power_grid(4096)), (fmt, strategy)
+        # Neumaier's compensation is a naive sum of the lost ones: it stalls at 2^t too, the read-out at 2 * 2^t
+        neumaier = {
+            int(r["n_accum"]): float(r["rel_l2_error"])
+            for r in stall_rows
+            if (r["stream"], r["buffer_format"], r["strategy"]) == ("constant", fmt, "neumaier")
+        }
+        assert neumaier == {n: 0.0 if n <= 2 * stall else 1 - 2 * stall / n for n in power_grid(4096)}, fmt
 
 
 def test_kahan_and_pairwise_beat_naive_on_a_positive_stream(tmp_path: Path) -> None:
@@ -217,11 +224,11 @@ def test_kahan_and_pairwise_beat_naive_on_a_positive_stream(tmp_path: Path) -> N
 
 
 def test_experiment_matches_an_independent_oracle() -> None:
-    """Naive/Kahan values, lost counts and the reference against one Accumulator per stream and math.fsum.
+    """Naive/Kahan/Neumaier values, lost counts and the reference against one Accumulator per stream and math.fsum.
 
     The wide buffers share one Accumulator per strategy across the streams and count lost updates per
     stream from the public state; here every stream gets its own buffers with the library's counters,
-    and the reference is ``math.fsum`` of the rounded addends (correctly rounded, like the double-double).
+    and the reference is ``math.fsum`` of the rounded addends (correctly rounded, like the superaccumulator).
     Stochastic rounding draws its bits by position in the wide buffer, so it is checked against a wide
     Accumulator with ``count_lost=True``: the per-stream counts must add up to its total.
     """
@@ -234,7 +241,7 @@ def test_experiment_matches_an_independent_oracle() -> None:
     at = {(r["stream"], r["strategy"], int(r["n_accum"])): r for r in rows}
     for b, stream in enumerate(cfg.streams):
         cols = x[:, b * m : (b + 1) * m]
-        accs = {s: Accumulator(s, fmt, (m,)) for s in ("naive", "kahan", "pairwise")}
+        accs = {s: Accumulator(s, fmt, (m,)) for s in ("naive", "kahan", "neumaier", "pairwise")}
         for n in range(1, cfg.n_max + 1):
             for acc in accs.values():
                 acc.add(cols[n - 1])

@@ -88,6 +88,42 @@ def kahan_sum(xs: list[float], name: str) -> float:
     return s
 
 
+def neumaier_sum(xs: list[float], name: str, readout: str = "fp64") -> float:
+    """Neumaier's (Kahan-Babuška) summation with every operation rounded to the format.
+
+    ``readout``: ``"fp64"`` forms ``s + c`` in fp64 (what the library's buffer does), ``"format"``
+    rounds it to the format (the textbook algorithm); the bound covers both.
+    """
+    s = c = 0.0
+    for x in xs:
+        t = rn(s + x, name)
+        d = rn(rn(s - t, name) + x, name) if abs(s) >= abs(x) else rn(rn(x - t, name) + s, name)
+        c = rn(c + d, name)
+        s = t
+    return s + c if readout == "fp64" else rn(s + c, name)
+
+
+def neumaier_sum_fp64(xs: list[float]) -> float:
+    """The same in fp64 with Python floats (IEEE round to nearest)."""
+    s = c = 0.0
+    for x in xs:
+        t = s + x
+        c += (s - t) + x if abs(s) >= abs(x) else (x - t) + s
+        s = t
+    return s + c
+
+
+def kahan_readout_fp64(xs: list[float]) -> float:
+    """Kahan's algorithm in fp64 with Python floats, read out as s + e (Higham's Algorithm 4.2)."""
+    s = e = 0.0
+    for x in xs:
+        y = x + e
+        t = s + y
+        e = (s - t) + y
+        s = t
+    return s + e
+
+
 # --- stagnation -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("name", "expected"),
@@ -262,9 +298,19 @@ def test_sum_bounds_reject_bad_arguments() -> None:
         th.probabilistic_sum_bound(4, 0.1, 1.0, 0.0)
     with pytest.raises(ValueError, match="2u < 1"):
         th.stochastic_rounding_sum_bound(4, 0.5, 1.0, 1.0)
-    for fn in (th.recursive_sum_bound, th.pairwise_sum_bound, th.kahan_sum_bound, th.kahan_leading_bound):
+    for fn in (
+        th.recursive_sum_bound,
+        th.pairwise_sum_bound,
+        th.kahan_sum_bound,
+        th.kahan_leading_bound,
+        th.neumaier_sum_bound,
+    ):
         with pytest.raises(ValueError, match="u must be"):
             fn(4, 2.0, 1.0)
+    with pytest.raises(ValueError, match="abs_total"):
+        th.neumaier_sum_bound(4, 0.1, 1.0, -1.0)
+    with pytest.raises(ValueError, match=r"abs_total = \|sum x_i\| = 2.0 exceeds abs_sum = sum \|x_i\| = 1.0"):
+        th.neumaier_sum_bound(4, 0.1, 1.0, 2.0)
 
 
 def test_bound_values() -> None:
@@ -276,8 +322,23 @@ def test_bound_values() -> None:
     assert th.kahan_leading_bound(1000, u, 3.0) == 6.0 * u
     assert th.recursive_sum_bound(10**6, u, 0.0) == 0.0  # void bound, zero sum: still exactly 0
     assert th.recursive_sum_bound(10**6, u, 1.0) == math.inf
-    for fn in (th.kahan_sum_bound, th.kahan_leading_bound, th.pairwise_sum_bound):
+    for fn in (th.kahan_sum_bound, th.kahan_leading_bound, th.pairwise_sum_bound, th.neumaier_sum_bound):
         assert fn(1, u, 1.0) == 0.0
+
+
+def test_neumaier_bound_values() -> None:
+    u = H("0x1p-11")
+    # n = 2: c = r_2 exactly, s + c = S; only the read-out rounds (gamma_0 = 0)
+    assert th.neumaier_sum_bound(2, u, 5.0, 3.0) == 3.0 * u
+    assert th.neumaier_sum_bound(2, u, 5.0) == 5.0 * u  # abs_total defaults to abs_sum
+    # n = 3, by hand: u |S| + (1 + u) gamma_1 gamma_2 T
+    assert th.neumaier_sum_bound(3, u, 4.0, 1.0) == u * 1.0 + (1 + u) * (th.gamma(1, u) * th.gamma(2, u)) * 4.0
+    # never void: past gamma's validity both factors are capped at 1, u |S| + (1 + u) T
+    assert th.neumaier_sum_bound(10**6, u, 4.0, 1.0) == u + (1 + u) * 4.0
+    assert th.neumaier_sum_bound(10**6, u, 0.0, 0.0) == 0.0
+    # the second-order term is ~ n**2 u**2: doubling n about quadruples it while n u << 1
+    ratio = th.neumaier_sum_bound(2000, H("0x1p-24"), 1.0, 0.0) / th.neumaier_sum_bound(1000, H("0x1p-24"), 1.0, 0.0)
+    assert 3.99 < ratio < 4.01  # (1999 * 1998) / (999 * 998) = 4.006, times (1 - ~1e-4) from the gammas' denominators
 
 
 def test_kahan_bound_leading_term_and_validity_limit() -> None:
@@ -303,6 +364,7 @@ def test_bounds_are_monotone_in_n(n1: int, n2: int, u: float) -> None:
     assert th.recursive_sum_bound(lo, u, 1.0) <= th.recursive_sum_bound(hi, u, 1.0)
     assert th.pairwise_sum_bound(lo, u, 1.0) <= th.pairwise_sum_bound(hi, u, 1.0)
     assert th.kahan_sum_bound(lo, u, 1.0) <= th.kahan_sum_bound(hi, u, 1.0)
+    assert th.neumaier_sum_bound(lo, u, 1.0, 0.5) <= th.neumaier_sum_bound(hi, u, 1.0, 0.5)
     assert th.probabilistic_sum_bound(lo, u, 1.0, lam) <= th.probabilistic_sum_bound(hi, u, 1.0, lam)
     assert th.stochastic_rounding_sum_bound(lo, u, 1.0, lam) <= th.stochastic_rounding_sum_bound(hi, u, 1.0, lam)
     assert th.probabilistic_bound_probability(lo, u, lam) >= th.probabilistic_bound_probability(hi, u, lam)
@@ -395,6 +457,12 @@ def test_rigorous_bounds_hold_for_simulated_sums(case: tuple[str, list[float]]) 
     err, _ = exact_error(kahan_sum(xs, name), xs)
     bound = th.kahan_sum_bound(n, u, float(abs_sum))
     assert bound == math.inf or err <= Fraction(bound)
+    total = abs(sum((Fraction(x) for x in xs), Fraction(0)))
+    bound = th.neumaier_sum_bound(n, u, float(abs_sum), float(total))  # never void
+    for readout in ("fp64", "format"):
+        err, _ = exact_error(neumaier_sum(xs, name, readout), xs)
+        # 2^-40: the float bound is a few fp64 operations on correctly rounded inputs (see test_bounds.py)
+        assert err <= Fraction(bound) * (1 + Fraction(1, 2**40)), readout
 
 
 def test_kahan_first_order_constant_is_nearly_attained() -> None:
@@ -416,3 +484,49 @@ def test_kahan_bound_holds_where_the_recursive_bound_is_void() -> None:
     assert err <= Fraction(th.kahan_sum_bound(1000, u, float(abs_sum)))
     naive_err, _ = exact_error(naive_sum(xs, "bf16"), xs)
     assert err < naive_err  # and compensation helps: bf16 naive summation stagnates here
+
+
+def test_neumaier_exact_where_kahan_loses_the_small_operand() -> None:
+    """[1, 1e100, 1, -1e100] (fp64): Neumaier gives the exact 2; Kahan gives 0 (|t| > |s|: RN(t - s) is inexact).
+
+    [0.75, 2^53, -2^53]: Kahan's read-out is 1 (c = RN(RN(2^53 - 0.75) - 2^53) = -1 catches a wrong
+    low part), an error of 0.25 that exceeds Neumaier's whole bound u |S| + (1 + u) gamma_1 gamma_2 T
+    ~ 2^-51 -- where Neumaier's error is 0.
+    """
+    assert kahan_readout_fp64([1.0, 1e100, 1.0, -1e100]) == 0.0
+    assert neumaier_sum_fp64([1.0, 1e100, 1.0, -1e100]) == 2.0
+    xs = [0.75, 2.0**53, -(2.0**53)]
+    u = get_format("fp64").unit_roundoff
+    kahan_err, abs_sum = exact_error(kahan_readout_fp64(xs), xs)
+    assert kahan_err == Fraction(1, 4)
+    assert exact_error(neumaier_sum_fp64(xs), xs)[0] == 0
+    assert kahan_err > Fraction(th.neumaier_sum_bound(3, u, float(abs_sum), 0.75))
+    for name in ("bf16", "fp16"):  # the same with 2^p: Kahan 1, Neumaier 0.75, bound ~ 4u + 0.75 u
+        p = get_format(name).precision
+        xs = [0.75, 2.0**p, -(2.0**p)]
+        assert exact_error(neumaier_sum(xs, name), xs)[0] == 0
+        err, abs_sum = exact_error(kahan_sum(xs, name), xs)  # Kahan's s; its read-out s + e is the same here
+        assert err == Fraction(1, 4)
+        assert err > Fraction(th.neumaier_sum_bound(3, get_format(name).unit_roundoff, float(abs_sum), 0.75))
+
+
+def test_neumaier_second_order_term_is_n_squared_u_squared() -> None:
+    """bf16, 1 then n - 1 addends 3 * 2^-10 (3u/4): every addend is lost to s = 1 and summed in c.
+
+    c sums them exactly up to 1/4, then each add rounds (1.5 ulps of c to 2) by u/4: the error grows
+    like n**2 u**2 (about 0.1 n**2 u**2 T), so an ``O(n u**2) T`` remainder would need a constant over
+    20 at n = 256 -- while the rigorous bound (~ T there) holds.  Numbers exact (Fractions).
+    """
+    u = get_format("bf16").unit_roundoff
+    errors = {}
+    for n in (128, 256):
+        xs = [1.0] + [3 * 2.0**-10] * (n - 1)
+        err, abs_sum = exact_error(neumaier_sum(xs, "bf16"), xs)
+        assert err <= Fraction(th.neumaier_sum_bound(n, u, float(abs_sum), float(abs_sum)))
+        errors[n] = err / abs_sum
+    assert Fraction(27, 1000) < errors[128] < Fraction(29, 1000)  # 0.0278 T
+    assert Fraction(92, 1000) < errors[256] < Fraction(94, 1000)  # 0.0933 T
+    assert errors[256] > 2 * u + 20 * 256 * u**2  # 2u|S| + 20 n u^2 T is exceeded (S = T here)
+    xs = [1.0] + [3 * 2.0**-10] * 255
+    kahan_err, abs_sum = exact_error(kahan_sum(xs, "bf16"), xs)  # Kahan feeds its compensation back into s
+    assert kahan_err <= Fraction(3, 1024) < errors[256] * abs_sum / 50  # within one addend: 3 * 2^-10

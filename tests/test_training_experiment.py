@@ -49,7 +49,7 @@ def test_buffers_order_as_numerics_predict(result: Path) -> None:
     assert float(_final(rows, "bf16 params, fp32 buffer", 32)["lost_update_fraction"]) == 0.0
     # N = 1: one add into an empty buffer is exact, so every bf16 buffer gives the same training
     base = _final(rows, "bf16 naive", 1)
-    for run in ("bf16 kahan", "bf16 pairwise", "bf16 params, fp32 buffer", "bf16 stochastic"):
+    for run in ("bf16 kahan", "bf16 neumaier", "bf16 pairwise", "bf16 params, fp32 buffer", "bf16 stochastic"):
         assert _final(rows, run, 1)["weight_distance"] == base["weight_distance"], run
 
 

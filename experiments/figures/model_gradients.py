@@ -66,7 +66,8 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
                 if fmt not in (bfmt, "fp64"):
                     continue
                 ns, mean, lo, hi = map(np.array, zip(*trial_intervals(sel, "n_accum", "projection_bias"), strict=True))
-                x = ns * 2.0 ** (0.06 * (STRATEGIES.index(strategy) - 2))  # side by side: no bar hides another
+                dodge = STRATEGIES.index(strategy) - (len(STRATEGIES) - 1) / 2  # side by side: no bar hides another
+                x = ns * 2.0 ** (0.06 * dodge)
                 axes[i, j].errorbar(x, mean, yerr=[mean - lo, hi - mean], capsize=2, elinewidth=0.8, marker=".", **kw)
         e = int(mine[0]["effective_batch"])
         axes[0, j].set_title(f"{w}, micro-gradients in {c}\n(effective batch E = {e})", fontsize=9)

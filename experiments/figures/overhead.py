@@ -22,7 +22,7 @@ def _mode_style(mode: str) -> dict[str, Any]:
     spec = MODE_BY_NAME[mode]
     if spec.strategy is None:
         return {"color": PALETTE["black"], "linestyle": "-", "marker": "o"}
-    marker = {"naive": "s", "kahan": "^", "stochastic": "v"}.get(spec.strategy, "D")
+    marker = {"naive": "s", "kahan": "^", "neumaier": "P", "stochastic": "v"}.get(spec.strategy, "D")
     return {"color": STRATEGY_COLORS[spec.strategy], "linestyle": FORMAT_STYLES[spec.buffer_format], "marker": marker}
 
 

@@ -29,6 +29,7 @@ BOUND_LINES: dict[str, BoundLine] = {
         "naive", "bound_probabilistic", "#888888", "s"
     ),
     r"Kahan $3u + O(Nu^2)$ (rigorous)": BoundLine("kahan", "bound_strategy", "#000000", "D"),
+    r"Neumaier $u + O(N^2u^2)$ (rigorous)": BoundLine("neumaier", "bound_strategy", "#000000", "P"),
     r"pairwise $\gamma_{\lceil \log_2 N \rceil}$ (rigorous)": BoundLine("pairwise", "bound_strategy", "#888888", "o"),
     r"SR $\approx 2\lambda\sqrt{N}u$ (CHM21 theorem)": BoundLine("stochastic", "bound_strategy", "#000000", "v"),
 }

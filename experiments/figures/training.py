@@ -10,8 +10,9 @@ from precision_lab.lab.results import read_csv
 
 __all__ = ["plot"]
 
-# runs with a colour of their own; the bf16-buffer runs take their strategy's colour
-OWN_COLORS = {"fp64": PALETTE["black"], "fp32": PALETTE["sky"], "bf16 params, fp32 buffer": PALETTE["purple"]}
+# runs with a colour of their own; the bf16-buffer runs take their strategy's colour (sky is Neumaier's,
+# so the fp32 run, a reference like fp64, is drawn in neutral grey)
+OWN_COLORS = {"fp64": PALETTE["black"], "fp32": "#777777", "bf16 params, fp32 buffer": PALETTE["purple"]}
 
 
 def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
@@ -27,7 +28,7 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
     runs = [r for r in RUNS if any(x["run"] == r.label for x in rows)]
     last = max(int(r["step"]) for r in rows)
     fig, axes = plt.subplots(3, len(workloads), figsize=(5.5 * len(workloads), 10), squeeze=False)
-    markers = dict(zip((r.label for r in RUNS), "ovs^Dx+", strict=True))
+    markers = dict(zip((r.label for r in RUNS), "ovs^DPx+", strict=True))
     for j, w in enumerate(workloads):
         n_max = max(int(r["n_accum"]) for r in rows if r["workload"] == w)
         final = [r for r in rows if r["workload"] == w and int(r["step"]) == last]

@@ -1,7 +1,9 @@
-"""The ``precision-lab`` command: list, run, plot and reproduce experiments.
+"""The ``precision-lab`` command: list, run, plot and reproduce experiments, and clean old parts.
 
 Bad input (unknown experiment, bad option value, CUDA asked for where there is none) exits with
-code 2 and one line naming the valid choices.
+code 2 and one line naming the valid choices.  So does a bad stored file (a part or ``results.csv``
+cut short or edited, an unreadable ``metadata.json``) and a folder that cannot be written: one line
+that names the file and says what to do, checked before anything is rewritten.
 """
 
 from __future__ import annotations
@@ -65,6 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     rr = sub.add_parser("report", help="write CLAIMS.md from stored results (no recomputation)")
     rr.add_argument("--out", default="results")
     rr.add_argument("--figures", default=None, metavar="DIR", help="where CLAIMS.md goes (default: OUT/figures)")
+    cl = sub.add_parser(
+        "clean", help="list the part folders of other code or versions (stale) and delete them with --delete"
+    )
+    cl.add_argument("--out", default="results", help="results folder (default: results/), or one experiment's")
+    cl.add_argument(
+        "--delete",
+        action="store_true",
+        help="delete the stale folders (never the one results.csv came from, one the current code can resume, "
+        "or one a running sweep holds)",
+    )
     return p
 
 
@@ -123,18 +135,81 @@ def _run_parallel(name: str, *, jobs: int, quick: bool, out: Path, device: str, 
     _run(name, quick=quick, out=out, device=device, seed=seed)
 
 
-def _plot(name: str, out: Path, fig_dir: Path) -> None:
+def _plot(name: str, out: Path, fig_dir: Path, shown_as: Path | None = None) -> None:
+    """Draw ``name``'s figures into ``fig_dir`` (printed as ``shown_as``: the folder they end up in)."""
     from experiments import get_figures
+    from precision_lab.lab.results import BadFile
 
-    for path in get_figures(name).plot(out / name, fig_dir):
-        print(f"{name}: figure {path}")
+    figures = get_figures(name)
+    results = out / name / "results.csv"
+    if not results.is_file():
+        raise ValueError(f"no results at {results}: run `precision-lab run {name}` first")
+    try:
+        paths = figures.plot(out / name, fig_dir)
+    except BadFile:
+        raise
+    except (ValueError, KeyError) as exc:  # a value the figure cannot use, in a file nothing could check
+        what = f"column {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(
+            f"{results}: cannot draw {name}'s figures from it ({what}); run `precision-lab run {name}` again"
+        ) from exc
+    for path in paths:
+        print(f"{name}: figure {(shown_as or fig_dir) / path.name}")
 
 
-def _report(out: Path, fig_dir: Path, header: str) -> None:
+def _report(out: Path, fig_dir: Path, header: str, shown_as: Path | None = None) -> None:
     from experiments import REGISTRY
     from experiments.claims import write_report
 
-    print(f"claims report: {write_report(out, fig_dir, sorted(REGISTRY), header=header)}")
+    path = write_report(out, fig_dir, sorted(REGISTRY), header=header)
+    print(f"claims report: {(shown_as or fig_dir) / path.name}")
+
+
+def _clean(out: Path, delete: bool) -> None:
+    from precision_lab.lab.runner import clean_sweeps
+
+    found = clean_sweeps(out, delete=delete)
+    for f in found:
+        print(f"{f.status}  {f.path}  ({f.parts} parts, {f.size / 1e6:.1f} MB: {f.reason})")
+    stale = [f for f in found if f.status == "stale"]
+    deleted = [f for f in found if f.status == "deleted"]
+    if deleted:
+        print(f"deleted {len(deleted)} stale folder(s), {sum(f.size for f in deleted) / 1e6:.1f} MB")
+    elif stale:
+        print(
+            f"{len(stale)} stale folder(s), {sum(f.size for f in stale) / 1e6:.1f} MB: "
+            f"`precision-lab clean --out {out} --delete` deletes them"
+        )
+    else:
+        print(f"no stale part folders under {out}")
+
+
+def _folder(path: Path, flag: str) -> Path:
+    """``path`` may be a folder or not exist yet; a file there is refused before anything runs."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder; choose another folder")
+    return path
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    """Run every experiment, then draw every figure and the report into a staged folder swapped in at once."""
+    from experiments import REGISTRY
+    from precision_lab.lab.results import check_file_folder, staged_folder
+
+    out = _folder(Path(args.out), "--out")
+    fig_dir = Path(args.figures or (out / "figures" if args.quick else "figures"))
+    check_file_folder(fig_dir, "--figures")  # before hours of computing
+    for name in sorted(REGISTRY):
+        _run_parallel(name, jobs=args.jobs, quick=args.quick, out=out, device=args.device, seed=args.seed)
+    size = "quick sizes (`--quick`)" if args.quick else "full sizes"
+    header = (
+        f"Written by `precision-lab reproduce{' --quick' if args.quick else ''}` "
+        f"({size}, seed {args.seed}, device {args.device}) from the results in `{out}/`."
+    )
+    with staged_folder(fig_dir) as stage:  # the figure set is replaced only once all of it is written
+        for name in sorted(REGISTRY):
+            _plot(name, out, stage, shown_as=fig_dir)
+        _report(out, stage, header, shown_as=fig_dir)
 
 
 def _int_in(flag: str, low: int, high: int | None = None, high_text: str = "") -> Callable[[str], int]:
@@ -169,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda requested but no CUDA device is available; use --device cpu")
+        if hasattr(args, "out"):
+            _folder(Path(args.out), "--out")
+        if getattr(args, "figures", None):
+            _folder(Path(args.figures), "--figures")
         if args.command == "list":
             for name in sorted(REGISTRY):
                 print(name)
@@ -182,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
                 shard=args.shard,
             )
         elif args.command == "plot":
-            _plot(args.experiment, Path(args.out), Path(args.out) / "figures")
+            from precision_lab.lab.results import remove_stale_temporaries
+
+            fig_dir = Path(args.out) / "figures"
+            if fig_dir.is_dir():
+                remove_stale_temporaries(fig_dir)  # a killed plot's temporaries
+            _plot(args.experiment, Path(args.out), fig_dir)
         elif args.command == "report":
             _report(
                 Path(args.out),
@@ -190,21 +274,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"Written by `precision-lab report` from the results in `{args.out}/` (each experiment's "
                 "`metadata.json` holds its config, seed, device and git commit).",
             )
+        elif args.command == "clean":
+            _clean(Path(args.out), args.delete)
         else:
-            out = Path(args.out)
-            fig_dir = Path(args.figures or (out / "figures" if args.quick else "figures"))
-            for name in sorted(REGISTRY):
-                _run_parallel(name, jobs=args.jobs, quick=args.quick, out=out, device=args.device, seed=args.seed)
-                _plot(name, out, fig_dir)
-            size = "quick sizes (`--quick`)" if args.quick else "full sizes"
-            _report(
-                out,
-                fig_dir,
-                f"Written by `precision-lab reproduce{' --quick' if args.quick else ''}` "
-                f"({size}, seed {args.seed}, device {args.device}) from the results in `{out}/`.",
-            )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"precision-lab: error: {exc}", file=sys.stderr)
+            _reproduce(args)
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None:
+            message = f"{exc.filename}: {exc.strerror}"
+        else:
+            message = str(exc)
+        print(f"precision-lab: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     return 0
 

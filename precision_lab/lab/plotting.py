@@ -13,10 +13,12 @@ figure relies on colour alone.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from precision_lab.lab.results import atomic_write_bytes, make_folder
 from precision_lab.metrics import summarize
 
 __all__ = [
@@ -44,6 +46,7 @@ PALETTE: dict[str, str] = {
 STRATEGY_COLORS: dict[str, str] = {
     "naive": PALETTE["vermillion"],
     "kahan": PALETTE["blue"],
+    "neumaier": PALETTE["sky"],
     "stochastic": PALETTE["orange"],
     "pairwise": PALETTE["green"],
     "exact": PALETTE["black"],
@@ -124,15 +127,21 @@ def save_figure(fig: Any, fig_dir: str | Path, name: str) -> Path:
     """Lay out, save ``fig_dir/name.png`` (150 dpi) and the vector copy ``name.svg``, close ``fig``.
 
     Returns the PNG's path.  Neither file carries a software version or date, so the same figure
-    gives the same bytes.
+    gives the same bytes.  Both are rendered in memory first and written atomically (mode 0666 less
+    the umask, as :func:`open` makes files): a killed ``plot`` leaves the previous file or the new one.
     """
     plt = pyplot()
-    fig.tight_layout()
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.tight_layout()
+        # rendered in memory, then each file written atomically: a kill never leaves half a figure
+        # (bbox "tight": legends placed outside the axes are kept in the file)
+        png, svg = io.BytesIO(), io.BytesIO()
+        fig.savefig(png, format="png", dpi=150, metadata={"Software": None}, bbox_inches="tight")
+        fig.savefig(svg, format="svg", metadata={"Creator": None, "Date": None}, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    fig_dir = make_folder(fig_dir, "figure folder")
     path = fig_dir / f"{name}.png"
-    # bbox "tight": legends placed outside the axes are kept in the file
-    fig.savefig(path, dpi=150, metadata={"Software": None}, bbox_inches="tight")
-    fig.savefig(fig_dir / f"{name}.svg", metadata={"Creator": None, "Date": None}, bbox_inches="tight")
-    plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
+    atomic_write_bytes(fig_dir / f"{name}.svg", svg.getvalue())
     return path

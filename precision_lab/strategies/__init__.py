@@ -13,9 +13,11 @@ module          unit (its state)               pure kernels
 ``naive``       ``Naive`` (``sum``)            ``naive_step``
 ``kahan``       ``Kahan`` (``sum``,            ``kahan_step``
                 ``compensation``)
+``neumaier``    ``Neumaier`` (``sum``,         ``neumaier_step``
+                ``compensation``)
 ``stochastic``  ``Stochastic`` (``sum``)       ``stochastic_step``
 ``pairwise``    ``Pairwise`` (``slots``)       ``pairwise_step``, ``pairwise_total``
-``exact``       ``Exact`` (``hi``, ``lo``)     ``exact_step``
+``exact``       ``Exact`` (``digits``)         ``exact_step``
 ==============  =============================  ==========================================
 
 and :mod:`~precision_lab.strategies.arithmetic`, the format arithmetic they share.
@@ -47,6 +49,7 @@ __all__ = [
     "Exact",
     "Kahan",
     "Naive",
+    "Neumaier",
     "Pairwise",
     "Stochastic",
     "Strategy",
@@ -252,10 +255,11 @@ def strategy_names() -> tuple[str, ...]:
 from precision_lab.strategies.exact import Exact  # noqa: E402
 from precision_lab.strategies.kahan import Kahan  # noqa: E402
 from precision_lab.strategies.naive import Naive  # noqa: E402
+from precision_lab.strategies.neumaier import Neumaier  # noqa: E402
 from precision_lab.strategies.pairwise import Pairwise  # noqa: E402
 from precision_lab.strategies.stochastic import Stochastic  # noqa: E402
 
-for _unit in (Naive, Kahan, Stochastic, Pairwise, Exact):
+for _unit in (Naive, Kahan, Neumaier, Stochastic, Pairwise, Exact):
     register_strategy(_unit)
-#: The built-in strategies: ``("naive", "kahan", "stochastic", "pairwise", "exact")``.
+#: The built-in strategies: ``("naive", "kahan", "neumaier", "stochastic", "pairwise", "exact")``.
 BUILTIN_STRATEGIES: tuple[str, ...] = strategy_names()
