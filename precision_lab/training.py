@@ -256,7 +256,9 @@ class _OwnFormatNaive(_Buffers):
     The first micro-gradient of the window is kept as it is (autograd made it for us: ``p.grad``
     was ``None``, so it is a fresh tensor or the stolen incoming gradient, in p's layout); later
     ones are added in place (``s.add_(g)``, autograd's ``p.grad += g``); the read-out hands the tensor
-    over.  A sum that is -0 stays -0, as in plain PyTorch.
+    over.  A sum that is -0 stays -0, as in plain PyTorch (the per-parameter design, which started
+    from a +0 buffer, made it +0; with the format given explicitly, ``fmt="fp32"`` for fp32
+    parameters, that buffer is what runs, as a flat buffer).
     """
 
     def __init__(self, slots: list[_Slot], count_lost: bool, count_nonfinite: bool) -> None:

@@ -156,7 +156,9 @@ def check_counts(acc: GradientAccumulator, ref: ReferenceAccumulator) -> None:
     ("strategy", "fmt", "kind"),
     [
         ("naive", None, _OwnFormatNaive),
-        ("naive", "fp32", _FlatBuffers),
+        ("naive", "fp32", _FlatBuffers),  # the fp32 model's own format given explicitly: the zero-filled buffer
+        ("naive", "bf16", _FlatBuffers),
+        ("naive", "fp64", _FlatBuffers),
         ("kahan", "bf16", _FlatBuffers),
         ("kahan", None, _FlatBuffers),
         ("stochastic", "fp16", _FlatBuffers),
@@ -283,23 +285,29 @@ def test_a_parameter_large_enough_for_the_parallel_kernels(strategy: str, fmt: s
 def test_naive_own_format_is_plain_pytorch_even_for_a_negative_zero_sum(pdtype: str) -> None:
     """The window's first micro-gradient is kept as autograd made it: a -0 stays -0 as in ``p.grad += g``.
 
-    The per-parameter design started from a +0 buffer, so its sum of -0s was +0; negative control.
+    The per-parameter design started from a +0 buffer, so its sum of -0s was +0 (negative control);
+    with the format given explicitly (that buffer, flat) that is what comes out.
     """
     dtype = DTYPES[pdtype]
-    w = nn.Parameter(torch.ones(4, dtype=dtype))
-    plain = nn.Parameter(torch.ones(4, dtype=dtype))
-    ref = nn.Parameter(torch.ones(4, dtype=dtype))
+    w, explicit, plain, ref = (nn.Parameter(torch.ones(4, dtype=dtype)) for _ in range(4))
     x = torch.tensor([-0.0, 1.0, -0.0, 0.5], dtype=dtype)  # d/dw (w * x).sum() = x: -0 in two entries
     reference = ReferenceAccumulator([ref])
-    with GradientAccumulator([w]) as acc:
-        for _ in range(2):
-            for p in (w, plain, ref):
-                (p * x).sum().backward()
-        acc.write_grads()
+    acc = GradientAccumulator([w])
+    acc_explicit = GradientAccumulator([explicit], "naive", pdtype)
+    assert type(acc_explicit._buffers) is _FlatBuffers
+    for _ in range(2):
+        for p in (w, explicit, plain, ref):
+            (p * x).sum().backward()
+    assert torch.equal(acc_explicit.accumulators[0].value(), reference.accs[0].value())
+    acc.write_grads()
+    acc_explicit.write_grads()
     reference.write_grads()
     assert torch.equal(bits(w.grad), bits(plain.grad))
     assert bits(plain.grad)[0] == bits(torch.tensor(-0.0, dtype=dtype))
     assert not torch.equal(bits(ref.grad), bits(plain.grad))  # +0 there
+    assert torch.equal(bits(explicit.grad), bits(ref.grad))
+    acc.remove()
+    acc_explicit.remove()
 
 
 @pytest.mark.parametrize("pdtype", ["fp32", "bf16", "fp16"])
