@@ -181,9 +181,9 @@ def plot(out_dir: str | Path, fig_dir: str | Path) -> list[Path]:
         alignment="left",
     )
     axes[0, -1].add_artist(leg)
-    axes[0, -1].legend(
+    axes[1, -1].legend(  # its own panel: under the measured legend it overlapped it (one row per strategy)
         handles=bounds,
-        loc="lower left",
+        loc="upper left",
         fontsize=7,
         title_fontsize=7,
         frameon=False,
